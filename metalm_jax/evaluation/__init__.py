@@ -1,0 +1,1 @@
+"""metalm_jax.evaluation."""

@@ -1,0 +1,39 @@
+"""metalm_jax: general-purpose-interface multimodal language models in JAX/Flax NNX."""
+from setuptools import find_packages, setup
+
+# Exact pins: a fresh `make demo` / `make test` must install the very same stack.
+INSTALL_REQUIRES = [
+    "jax==0.10.2",
+    "jaxlib==0.10.2",
+    "flax==0.12.8",
+    "optax==0.2.8",
+    "orbax-checkpoint==0.12.8",
+    "grain==0.2.18",
+    "tensorflow-datasets==4.9.10",
+    "array-record==0.8.6",
+    "ml-collections==1.1.0",
+    "numpy==2.4.6",
+    "absl-py==2.5.1",
+    "sentencepiece==0.2.3",
+    "pillow==13.0.0",
+    "matplotlib==3.11.2",
+    "tensorboardX==2.6.5",
+    "tqdm==4.70.1",
+]
+
+EXTRAS_REQUIRE = {
+    "test": [
+        "pytest==9.2.0",
+        "hypothesis==6.170.15",
+    ],
+}
+
+setup(
+    name="metalm_jax",
+    version="0.1.0",
+    description=__doc__,
+    packages=find_packages(include=["metalm_jax", "metalm_jax.*"]),
+    python_requires=">=3.11",
+    install_requires=INSTALL_REQUIRES,
+    extras_require=EXTRAS_REQUIRE,
+)

@@ -1,0 +1,22 @@
+"""Test setup: 8 virtual CPU devices (before jax is imported) and shared fixtures."""
+import os
+
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import jax  # noqa: E402
+import pytest  # noqa: E402
+
+import metalm_jax  # noqa: E402,F401  (applies package-wide flax settings)
+
+
+def pytest_configure(config):
+  config.addinivalue_line("markers", "slow: long-running; run on purpose with `-m slow`")
+
+
+@pytest.fixture(scope="session")
+def devices8():
+  devs = jax.devices()
+  if len(devs) < 8:
+    pytest.skip(f"needs 8 devices, have {len(devs)}: set XLA_FLAGS before jax is imported")
+  return devs[:8]
