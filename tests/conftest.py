@@ -20,3 +20,15 @@ def devices8():
   if len(devs) < 8:
     pytest.skip(f"needs 8 devices, have {len(devs)}: set XLA_FLAGS before jax is imported")
   return devs[:8]
+
+
+@pytest.fixture(scope="session")
+def pydoc_data_dir(tmp_path_factory):
+  """The bundled pydoc_topics corpus and a 512-piece SentencePiece model, prepared once."""
+  from metalm_jax.data import datasets, tokenizers
+
+  data_dir = str(tmp_path_factory.mktemp("tfds"))
+  datasets.prepare("pydoc_topics", data_dir)
+  tokenizers.get_tokenizer("sentencepiece", dataset="pydoc_topics", data_dir=data_dir,
+                           vocab_size=512)
+  return data_dir

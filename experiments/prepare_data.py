@@ -1,0 +1,41 @@
+r"""Prepares a registered dataset (array_record files) and, optionally, its tokenizer.
+
+    python experiments/prepare_data.py --dataset=pydoc_topics --data_dir=/tmp/metalm_data
+    python experiments/prepare_data.py --tokenizer_vocab_size=2048   # + SentencePiece model
+
+Data goes to --data_dir (default: $METALM_DATA_DIR, else ~/.cache/metalm_jax/data). Running
+it again is quick: prepared datasets and cached tokenizers are reused.
+"""
+from absl import app
+from absl import flags
+
+from metalm_jax.data import datasets
+from metalm_jax.data import tokenizers
+
+_DATASET = flags.DEFINE_enum("dataset", "pydoc_topics", sorted(datasets.DATASETS),
+                             "Dataset to prepare.")
+_DATA_DIR = flags.DEFINE_string(
+    "data_dir", None, "Data directory (default: $METALM_DATA_DIR, else "
+    "~/.cache/metalm_jax/data).")
+_TOKENIZER_VOCAB_SIZE = flags.DEFINE_integer(
+    "tokenizer_vocab_size", 0, "If > 0, also train (or reuse) the SentencePiece tokenizer "
+    "of this vocabulary size on the dataset's train split.")
+
+
+def main(argv):
+  del argv
+  data_dir = _DATA_DIR.value or datasets.default_data_dir()
+  builder = datasets.prepare(_DATASET.value, data_dir)
+  print(f"Dataset {_DATASET.value!r} is in {builder.data_path}")
+  for split, info in sorted(builder.info.splits.items()):
+    print(f"  {split}: {info.num_examples} examples")
+  if _TOKENIZER_VOCAB_SIZE.value > 0:
+    tokenizer = tokenizers.get_tokenizer(
+        "sentencepiece", dataset=_DATASET.value, data_dir=data_dir,
+        vocab_size=_TOKENIZER_VOCAB_SIZE.value)
+    print(f"SentencePiece tokenizer (vocab_size={tokenizer.vocab_size}) is "
+          f"{tokenizer.model_path}")
+
+
+if __name__ == "__main__":
+  app.run(main)
