@@ -1,0 +1,189 @@
+"""The training config schema, and strict validation of configs against it.
+
+Every config file starts from `base_config()`, which holds every key the trainer reads, and
+locks it: a mistyped key in a config file or on the command line
+(`--config.optimizer.learning_rat=1e-3`) is an error naming the key and the valid ones, never
+silently ignored. `validate` checks the same for configs built by hand (notebooks), plus
+value types, and checks `config.model` against the chosen model's constructor.
+"""
+from __future__ import annotations
+
+import difflib
+import inspect
+from typing import Any
+
+import ml_collections
+
+from metalm_jax import sharding
+
+
+class ConfigError(ValueError):
+  """A config key or value is wrong; the message names it and how to fix it."""
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """Every key the trainer reads, with defaults. Config files override values only."""
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+
+  c.model = ml_collections.ConfigDict()
+  c.model.name = "decoder"  # models registry name; other keys are the constructor's kwargs
+
+  c.data = ml_collections.ConfigDict()
+  c.data.dataset = "pydoc_topics"
+  c.data.data_dir = ""  # "" = $METALM_DATA_DIR or ~/.cache/metalm_jax/data
+  c.data.tokenizer = "sentencepiece"  # or 'byte' (zero setup)
+  c.data.vocab_size = 2048  # SentencePiece vocabulary (ignored by the byte tokenizer)
+  c.data.seq_len = 128
+  c.data.worker_count = 0  # grain worker processes; stored with the iterator state
+
+  c.objective = "causal_lm"
+
+  c.batch_size = 16  # global batch, split over processes and the mesh's batch axes
+  c.num_train_steps = 1000
+  c.log_every_steps = 20
+  c.eval_every_steps = 200
+  c.eval_batches = 8  # batches of the validation split per eval; 0 = the whole split
+  c.checkpoint_every_steps = 200
+  c.keep_checkpoints = 3
+  c.nan_policy = "stop"  # non-finite loss: stop naming the step, last good checkpoint kept
+
+  c.optimizer = ml_collections.ConfigDict()
+  c.optimizer.learning_rate = 3e-3
+  c.optimizer.warmup_steps = 100
+  c.optimizer.end_lr_ratio = 0.1  # cosine decays to learning_rate * end_lr_ratio
+  c.optimizer.b1 = 0.9
+  c.optimizer.b2 = 0.98
+  c.optimizer.eps = 1e-8
+  c.optimizer.weight_decay = 0.1  # applied to weight matrices only (ndim >= 2)
+  c.optimizer.grad_clip_norm = 1.0  # global-norm clipping; 0 disables
+
+  c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})
+  c.sharding_rules = sharding.FSDP_TP_RULES
+
+  c.sample = ml_collections.ConfigDict()
+  c.sample.prompt = "The "
+  c.sample.max_new_tokens = 64
+  c.sample.temperature = 0.0  # 0 = greedy
+
+  c.progress_bar = True
+  return c
+
+
+def finalize(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """Validates, then locks: the last line of every `get_config`."""
+  validate(config)
+  config.lock()
+  return config
+
+
+def _suggest(key: str, valid) -> str:
+  close = difflib.get_close_matches(key, list(valid), n=1)
+  return f" Did you mean {close[0]!r}?" if close else ""
+
+
+def _compatible(value: Any, default: Any) -> bool:
+  if default is None or value is None:
+    return True
+  if isinstance(default, bool) or isinstance(value, bool):
+    return isinstance(value, bool) and isinstance(default, bool)
+  if isinstance(default, float):
+    return isinstance(value, (int, float))
+  if isinstance(default, (tuple, list)):
+    return isinstance(value, (tuple, list))
+  if isinstance(default, (dict, ml_collections.ConfigDict)):
+    return isinstance(value, (dict, ml_collections.ConfigDict))
+  return isinstance(value, type(default))
+
+
+def _check_against(config, schema, prefix: str, free_keys=()):
+  for key in config.keys():
+    path = f"{prefix}.{key}"
+    if key not in schema:
+      if key in free_keys:
+        continue
+      raise ConfigError(f"unknown config key {path!r}.{_suggest(key, schema.keys())} "
+                        f"Valid keys of {prefix}: {sorted(schema.keys())}")
+    value, default = config[key], schema[key]
+    if isinstance(default, ml_collections.ConfigDict) and key not in ("mesh",):
+      if not isinstance(value, (dict, ml_collections.ConfigDict)):
+        raise ConfigError(f"{path} must be a section (ConfigDict), got {value!r}")
+      if key != "model":
+        _check_against(value, default, path)
+      continue
+    if not _compatible(value, default):
+      raise ConfigError(f"{path}={value!r} has type {type(value).__name__}; expected "
+                        f"{type(default).__name__} (like the default {default!r})")
+
+
+def model_kwargs(model_config) -> tuple[str, dict]:
+  """(registry name, constructor kwargs) of `config.model`."""
+  kwargs = dict(model_config)
+  name = kwargs.pop("name")
+  return name, kwargs
+
+
+# A value of the annotated type, for type checks of arguments without a default.
+_EXAMPLE_OF_ANNOTATION = {"int": 0, "float": 0.0, "bool": False, "str": "",
+                          str(int): 0, str(float): 0.0, str(bool): False, str(str): ""}
+
+
+def _check_model(model_config):
+  from metalm_jax import models  # local: models import layers, which import this package
+
+  name, kwargs = model_kwargs(model_config)
+  if name not in models.MODELS:
+    raise ConfigError(f"config.model.name={name!r} is not a known model; known: "
+                      f"{sorted(models.MODELS)}")
+  params = inspect.signature(models.MODELS[name].__init__).parameters
+  accepted = {k: p for k, p in params.items() if k not in ("self", "rngs")
+              and p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)}
+  for key, value in kwargs.items():
+    if key not in accepted:
+      raise ConfigError(f"unknown config key 'config.model.{key}' for model {name!r}."
+                        f"{_suggest(key, accepted)} Valid keys: {sorted(accepted)}")
+    default = accepted[key].default
+    if default is inspect.Parameter.empty or default is None:
+      default = _EXAMPLE_OF_ANNOTATION.get(str(accepted[key].annotation).split(" |")[0])
+    if key.endswith("dtype"):
+      _check_dtype(f"config.model.{key}", value)
+    elif not _compatible(value, default):
+      raise ConfigError(f"config.model.{key}={value!r} has type {type(value).__name__}; "
+                        f"{name} expects {type(default).__name__} (default {default!r})")
+  missing = [k for k, p in accepted.items() if p.default is inspect.Parameter.empty
+             and k not in kwargs]
+  if missing:
+    raise ConfigError(f"config.model is missing required keys {missing} for model {name!r}")
+
+
+def _check_dtype(path: str, value) -> None:
+  import jax.numpy as jnp
+
+  try:
+    jnp.dtype(value)
+  except TypeError as e:
+    raise ConfigError(f"{path}={value!r} is not a dtype name; use e.g. 'float32' or "
+                      "'bfloat16'") from e
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+  """Raises ConfigError for unknown keys, ill-typed values and inconsistent settings."""
+  schema = base_config()
+  _check_against(config, schema, "config")
+  for key in ("model", "data", "optimizer", "sample"):
+    if key not in config:
+      raise ConfigError(f"config.{key} is missing; start configs from metalm_jax.config.base_config()")
+  _check_model(config.model)
+  if config.nan_policy not in ("stop",):
+    raise ConfigError(f"config.nan_policy={config.nan_policy!r}; valid: 'stop'")
+  for key in ("batch_size", "num_train_steps", "log_every_steps", "checkpoint_every_steps",
+              "eval_every_steps", "keep_checkpoints"):
+    if config[key] <= 0:
+      raise ConfigError(f"config.{key}={config[key]} must be positive")
+  if config.data.seq_len <= 1:
+    raise ConfigError(f"config.data.seq_len={config.data.seq_len} must be > 1")
+  max_len = dict(config.model).get("max_len")
+  if max_len is not None and config.data.seq_len > max_len:
+    raise ConfigError(f"config.data.seq_len={config.data.seq_len} exceeds config.model.max_len="
+                      f"{max_len}; raise model.max_len or shorten the sequences")
+  sharding._rules_dict(config.sharding_rules)  # raises on malformed rules

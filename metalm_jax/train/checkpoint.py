@@ -1,0 +1,110 @@
+"""Checkpoints: orbax CheckpointManager over (train state, grain iterator, config).
+
+A checkpoint holds params, optimizer state, step and rng (`state`), the data iterator's
+position (`data`, with the worker count it was taken with) and the config it was trained with
+(`config`), so a restarted run continues the very same trajectory. Orbax finalises step
+directories atomically: a directory left half-written by a kill is never taken as latest.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+from typing import Any
+
+import grain
+import jax
+import orbax.checkpoint as ocp
+
+logger = logging.getLogger(__name__)
+
+
+class CheckpointMismatchError(ValueError):
+  """The workdir's checkpoint does not fit the configured model; nothing was overwritten."""
+
+
+def _path_str(path) -> str:
+  """'opt_state/1/0/mu/blocks/0/...': the same for a live tree and orbax's metadata tree
+  (which stores namedtuples as dicts and integer keys as strings)."""
+  parts = (getattr(k, "key", getattr(k, "name", getattr(k, "idx", k))) for k in path)
+  return "/".join(str(p) for p in parts)
+
+
+def _shape_tree(tree) -> dict[str, tuple]:
+  flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+  return {_path_str(path): tuple(getattr(x, "shape", ())) for path, x in flat}
+
+
+class Checkpointer:
+  """Saves and restores the whole training position under `{workdir}/checkpoints`."""
+
+  def __init__(self, workdir: str, *, keep: int, async_save: bool = True):
+    self.directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
+    options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
+                                           enable_async_checkpointing=async_save)
+    self.manager = ocp.CheckpointManager(
+        self.directory, options=options,
+        item_handlers={"state": ocp.StandardCheckpointHandler(),
+                       "data": grain.checkpoint.CheckpointHandler(),
+                       "config": ocp.JsonCheckpointHandler()})
+
+  def latest_step(self) -> int | None:
+    return self.manager.latest_step()
+
+  def save(self, step: int, state, data_iterator, config_dict: dict, *, force: bool = False):
+    self.manager.save(step, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state),
+        data=grain.checkpoint.CheckpointSave(data_iterator),
+        config=ocp.args.JsonSave(config_dict)), force=force)
+
+  def check_compatible(self, step: int, abstract_state) -> None:
+    """Raises CheckpointMismatchError naming the differing arrays, before anything is written."""
+    meta = self.manager.item_metadata(step)
+    saved = _shape_tree(_tree_of(meta["state"]))
+    wanted = _shape_tree(abstract_state)
+    missing = sorted(set(wanted) - set(saved))
+    extra = sorted(set(saved) - set(wanted))
+    differ = sorted(k for k in set(saved) & set(wanted) if saved[k] != wanted[k])
+    if missing or extra or differ:
+      lines = [f"  {k}: checkpoint {saved[k]} vs model {wanted[k]}" for k in differ[:10]]
+      lines += [f"  only in the model: {k}" for k in missing[:5]]
+      lines += [f"  only in the checkpoint: {k}" for k in extra[:5]]
+      raise CheckpointMismatchError(
+          f"the checkpoint at step {step} in {self.directory} does not match the configured "
+          f"model ({len(differ)} shapes differ, {len(missing)} arrays missing, {len(extra)} "
+          "extra):\n" + "\n".join(lines) + "\nUse a fresh --workdir for a different model, or "
+          "restore the config this workdir was trained with (saved in the checkpoint's "
+          "'config' item). Nothing was overwritten.")
+
+  def restore(self, step: int, abstract_state, state_shardings, data_iterator):
+    """Restores state (in its sharded layout) and the data iterator's position in place."""
+    self.check_compatible(step, abstract_state)
+    target = jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+        abstract_state, state_shardings)
+    restored = self.manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(target),
+        data=grain.checkpoint.CheckpointRestore(data_iterator)))
+    return restored["state"]
+
+  def saved_config(self, step: int) -> dict[str, Any]:
+    return self.manager.restore(step, args=ocp.args.Composite(
+        config=ocp.args.JsonRestore()))["config"]
+
+  def wait(self):
+    self.manager.wait_until_finished()
+
+  def close(self):
+    self.manager.wait_until_finished()
+    self.manager.close()
+
+
+def _tree_of(metadata) -> Any:
+  """Orbax's item metadata as a plain tree of leaves with `.shape`."""
+  tree = getattr(metadata, "tree", metadata)
+  return tree
+
+
+def config_to_dict(config) -> dict:
+  """A JSON-safe dict of an ml_collections config (tuples become lists)."""
+  return json.loads(config.to_json_best_effort())

@@ -1,0 +1,185 @@
+"""`train_and_evaluate(config, workdir)`: the one trainer, read top to bottom.
+
+logging -> mesh -> input -> model / optimizer -> sharded init -> restore -> steps ->
+(metrics, eval, checkpoint) loop -> plot and a sample generation.
+"""
+from __future__ import annotations
+
+import itertools
+import logging
+import math
+import os
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from metalm_jax import config as config_lib
+from metalm_jax import objectives
+from metalm_jax import sharding
+from metalm_jax.data import datasets, pipeline, tokenizers
+from metalm_jax.inference import generate
+from metalm_jax.train import checkpoint as checkpoint_lib
+from metalm_jax.train import metrics as metrics_lib
+from metalm_jax.train import state as state_lib
+from metalm_jax.train import step as step_lib
+
+logger = logging.getLogger(__name__)
+
+
+class NonFiniteLossError(FloatingPointError):
+  """The loss became NaN or inf; the message names the step and the checkpoint kept."""
+
+
+def _check_workdir(workdir: str) -> None:
+  try:
+    os.makedirs(workdir, exist_ok=True)
+    probe = os.path.join(workdir, ".write_probe")
+    with open(probe, "w") as f:
+      f.write("ok")
+    os.remove(probe)
+  except OSError as e:
+    raise PermissionError(f"--workdir={workdir!r} is not writable ({e.strerror}); choose a "
+                          "directory you can write to") from e
+
+
+def load_tokenizer(data_config) -> tokenizers.Tokenizer:
+  return tokenizers.get_tokenizer(
+      data_config.tokenizer, dataset=data_config.dataset,
+      data_dir=data_config.data_dir or None, vocab_size=data_config.vocab_size)
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Trains `config` in `workdir`, resuming from its latest checkpoint if there is one.
+
+  Returns the final metrics: {'step', 'train_loss', 'eval_loss', 'eval_perplexity', 'sample'}.
+  """
+  config_lib.validate(config)
+  _check_workdir(workdir)
+  is_main = jax.process_index() == 0
+
+  # ---------------------------------------------------------------- mesh
+  mesh = sharding.make_mesh(config.mesh)
+  rules = config.sharding_rules
+  data_parallel = math.prod(mesh.shape[a] for a in sharding._rules_dict(rules).get("batch", ()))
+  if config.batch_size % data_parallel or config.batch_size % jax.process_count():
+    raise config_lib.ConfigError(
+        f"config.batch_size={config.batch_size} must be divisible by the mesh's batch axes "
+        f"({data_parallel} devices) and the process count ({jax.process_count()})")
+  logger.info("mesh %s on %d devices, %d processes", dict(mesh.shape), mesh.size,
+              jax.process_count())
+
+  # ---------------------------------------------------------------- input
+  data_dir = config.data.data_dir or datasets.default_data_dir()
+  train_source = datasets.data_source(config.data.dataset, "train", data_dir)
+  eval_source = datasets.data_source(config.data.dataset, "validation", data_dir)
+  tokenizer = load_tokenizer(config.data)
+  vocab_size = dict(config.model).get("vocab_size")
+  if vocab_size is not None and vocab_size < tokenizer.vocab_size:
+    raise config_lib.ConfigError(
+        f"config.model.vocab_size={vocab_size} is smaller than the tokenizer's vocabulary "
+        f"({tokenizer.vocab_size}, config.data.tokenizer={config.data.tokenizer!r}); raise it")
+  local_batch = config.batch_size // jax.process_count()
+  train_ds = pipeline.lm_dataset(
+      train_source, tokenizer, seq_len=config.data.seq_len, batch_size=local_batch,
+      seed=config.seed, shuffle=True, num_epochs=None, process_index=jax.process_index(),
+      process_count=jax.process_count(), worker_count=config.data.worker_count)
+  train_iter = iter(train_ds)
+  batch_shardings = sharding.batch_sharding(mesh, rules)
+
+  # ---------------------------------------------------------------- model and optimizer
+  objective = objectives.get(config.objective)
+  model = state_lib.Model(config.model)
+  tx = state_lib.make_optimizer(config.optimizer, config.num_train_steps)
+  schedule = state_lib.learning_rate_schedule(config.optimizer, config.num_train_steps)
+  logger.info("model %s: %s parameters", config.model.name, f"{model.param_count():,}")
+
+  # ---------------------------------------------------------------- sharded init / restore
+  rng = jax.random.key(config.seed)
+  state, state_shardings, rest = state_lib.create_train_state(model, tx, rng, mesh, rules)
+  checkpointer = checkpoint_lib.Checkpointer(workdir, keep=config.keep_checkpoints)
+  latest = checkpointer.latest_step()
+  if latest is not None:
+    abstract = jax.eval_shape(lambda: state)
+    state = checkpointer.restore(latest, abstract, state_shardings, train_iter)
+    logger.info("resumed from step %d in %s", latest, checkpointer.directory)
+  start_step = int(state.step)
+
+  train_step = step_lib.make_train_step(model, tx, objective, schedule, state_shardings, rest,
+                                        batch_shardings, mesh)
+  eval_step = step_lib.make_eval_step(model, objective, state_shardings, rest,
+                                      batch_shardings, mesh)
+
+  def evaluate(params) -> dict[str, float]:
+    totals = {"loss_sum": 0.0, "accuracy_sum": 0.0, "tokens": 0.0}
+    batches = pipeline.eval_batches(
+        eval_source, tokenizer, seq_len=config.data.seq_len, batch_size=local_batch,
+        process_index=jax.process_index(), process_count=jax.process_count())
+    # Every process yields the same number of batches, so a prefix stays in step too.
+    for batch in itertools.islice(batches, config.eval_batches or None):
+      out = eval_step(params, rest, pipeline.make_global_batch(batch, batch_shardings))
+      for k, v in jax.device_get(out).items():
+        totals[k] += float(v)
+    return step_lib.summarize_eval(totals)
+
+  # ---------------------------------------------------------------- loop
+  writer = metrics_lib.MetricWriter(workdir, enabled=is_main)
+  tokens_per_step = config.batch_size * config.data.seq_len
+  progress = metrics_lib.Progress(initial=start_step, total=config.num_train_steps,
+                                  enabled=config.progress_bar and is_main,
+                                  tokens_per_step=tokens_per_step)
+  config_dict = checkpoint_lib.config_to_dict(config)
+  train_loss, eval_metrics, window = float("nan"), {}, []
+  try:
+    for step in range(start_step + 1, config.num_train_steps + 1):
+      batch = pipeline.make_global_batch(next(train_iter), batch_shardings)
+      state, metrics = train_step(state, rest, batch)
+      metrics = metrics_lib.host_scalars(jax.device_get(metrics))
+      if not math.isfinite(metrics["loss"]):
+        last = checkpointer.latest_step()
+        raise NonFiniteLossError(
+            f"loss became {metrics['loss']} at step {step}; stopping. The last good checkpoint "
+            f"(step {last}) in {checkpointer.directory} is kept untouched. Lower "
+            "config.optimizer.learning_rate or check the data.")
+      window.append(metrics)
+      if step % config.log_every_steps == 0 or step == config.num_train_steps:
+        mean = {k: float(np.mean([m[k] for m in window])) for k in window[0]}
+        mean["tokens_per_sec"] = progress.update(step, mean)
+        writer.write(step, "train", mean)
+        train_loss, window = mean["loss"], []
+      else:
+        progress.update(step)
+      if step % config.eval_every_steps == 0 or step == config.num_train_steps:
+        eval_metrics = evaluate(state.params)
+        writer.write(step, "eval", eval_metrics)
+        progress.write(f"step {step}: eval loss {eval_metrics['loss']:.4f}, "
+                       f"perplexity {eval_metrics['perplexity']:.2f}")
+      if step % config.checkpoint_every_steps == 0 or step == config.num_train_steps:
+        checkpointer.save(step, state, train_iter, config_dict)
+  finally:
+    progress.close()
+    checkpointer.close()
+    writer.close()
+
+  # ---------------------------------------------------------------- plot and sample
+  result = {"step": int(state.step), "train_loss": train_loss,
+            "eval_loss": eval_metrics.get("loss"), "eval_perplexity": eval_metrics.get("perplexity")}
+  if is_main:
+    plot = metrics_lib.plot_loss_curve(workdir)
+    result["sample"] = sample_text(model, state.params, rest, tokenizer, config.sample, rng)
+    with open(os.path.join(workdir, "sample.txt"), "w") as f:
+      f.write(result["sample"] + "\n")
+    logger.info("loss curve: %s; sample: %r", plot, result["sample"])
+  return result
+
+
+def sample_text(model: state_lib.Model, params, rest, tokenizer, sample_config, rng) -> str:
+  """Generates a continuation of `sample_config.prompt` with the trained model."""
+  module = model.merge(jax.device_get(params), jax.device_get(rest))
+  prompt = np.concatenate([[tokenizer.bos_id], tokenizer.encode(sample_config.prompt)])
+  tokens = generate(
+      module, jnp.asarray(prompt[None], jnp.int32),
+      max_new_tokens=sample_config.max_new_tokens, rng=jax.random.fold_in(rng, 1),
+      temperature=sample_config.temperature, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id)
+  return sample_config.prompt + tokenizer.decode(np.asarray(tokens[0, len(prompt):]))
