@@ -1,0 +1,238 @@
+"""Causal Transformer decoder (pre-LN) with a functional KV cache.
+
+Axis letters: B batch, L length, D d_model, V vocab, T new tokens, S cache length.
+
+The decoder is the language-model backbone every family reuses:
+  - METALM (semi-causal LM): `embed(tokens)` gives token embeddings; the caller replaces
+    rows with encoder outputs and calls `decoder(embeddings=..., attention_mask=...)`.
+  - mPLUG / hybrid decoders reuse `DecoderBlock` and the cache protocol
+    (`init_cache` / `decode`), whose cache is an explicit pytree, so generation is jittable.
+
+Dropout is deterministic unless `deterministic=False`, and then needs `rngs`: a jax PRNG
+key (fresh per training step) or an `nnx.Rngs` with a 'dropout' stream. The model stores
+no RNG state, so `nnx.split(model)` gives parameters only.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from metalm_jax.layers.attention import KVCache, MultiHeadAttention, RotaryFn
+from metalm_jax.layers.embeddings import Embed, LearnedPositions, rope, sinusoidal_positions
+from metalm_jax.layers.masks import causal_mask, combine_masks, segment_mask
+from metalm_jax.layers.mlp import Mlp
+from metalm_jax.layers.norms import make_norm
+
+POSITIONS = ('rope', 'learned', 'sinusoidal')
+DropoutRngs = nnx.Rngs | jax.Array | None
+
+
+class DecoderBlock(nnx.Module):
+  """Pre-LN block: x + drop(attn(norm(x))), then x + drop(mlp(norm(x))). [B, L, D] -> same."""
+
+  def __init__(self, d_model: int, num_heads: int, d_ff: int, *,
+               num_kv_heads: int | None = None, head_dim: int | None = None,
+               mlp_activation: str = 'swiglu', norm: str = 'rmsnorm',
+               dropout_rate: float = 0.0, attention_impl: str = 'reference',
+               dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
+    kw = dict(dtype=dtype, param_dtype=param_dtype)
+    self.attn_norm = make_norm(norm, d_model, **kw)
+    self.attention = MultiHeadAttention(d_model, num_heads, num_kv_heads=num_kv_heads,
+                                        head_dim=head_dim, implementation=attention_impl,
+                                        rngs=rngs, **kw)
+    self.mlp_norm = make_norm(norm, d_model, **kw)
+    self.mlp = Mlp(d_model, d_ff, activation=mlp_activation, rngs=rngs, **kw)
+    self.dropout = nnx.Dropout(dropout_rate)
+
+  def __call__(self, x: jax.Array, *, mask: jax.Array | None = None,
+               positions: jax.Array | None = None, rotary: RotaryFn | None = None,
+               deterministic: bool = True, rngs: DropoutRngs = None) -> jax.Array:
+    """x [B, L, D], mask bool [B|1, N|1, L, L], positions int [B, L] -> [B, L, D]."""
+    h = self.attention(self.attn_norm(x), mask=mask, positions=positions, rotary=rotary)
+    x = x + self.dropout(h, deterministic=deterministic, rngs=rngs)
+    h = self.mlp(self.mlp_norm(x))
+    return x + self.dropout(h, deterministic=deterministic, rngs=rngs)
+
+  def decode(self, x: jax.Array, cache: KVCache, *, index: jax.Array,
+             mask: jax.Array | None, positions: jax.Array,
+             rotary: RotaryFn | None = None) -> tuple[jax.Array, KVCache]:
+    """KV-cached step: x [B, T, D] written at cache slot `index` -> ([B, T, D], cache)."""
+    h, cache = self.attention.decode(self.attn_norm(x), cache, index=index, mask=mask,
+                                     positions=positions, rotary=rotary)
+    x = x + h
+    return x + self.mlp(self.mlp_norm(x)), cache
+
+
+class Decoder(nnx.Module):
+  """Decoder-only causal language model.
+
+  Parameters: token table ('vocab', 'embed'); per block norms, attention and MLP; a final
+  norm; an output head ('embed', 'vocab') unless `tie_embeddings` (then logits are
+  `embed.attend(h) / sqrt(d_model)`); a position table ('length', 'embed') for
+  position='learned'.
+  """
+
+  def __init__(self, *, vocab_size: int, d_model: int, num_layers: int, num_heads: int,
+               d_ff: int, num_kv_heads: int | None = None, head_dim: int | None = None,
+               mlp_activation: str = 'swiglu', position: str = 'rope', max_len: int = 2048,
+               dropout_rate: float = 0.0, tie_embeddings: bool = False,
+               norm: str = 'rmsnorm', attention_impl: str = 'reference',
+               dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
+    if position not in POSITIONS:
+      raise ValueError(f'position={position!r} is not one of {POSITIONS}.')
+    if not 0.0 <= dropout_rate < 1.0:
+      raise ValueError(f'dropout_rate={dropout_rate} must be in [0, 1).')
+    kw = dict(dtype=dtype, param_dtype=param_dtype)
+    self.vocab_size, self.d_model, self.position = vocab_size, d_model, position
+    self.max_len, self.dropout_rate, self.dtype = max_len, dropout_rate, dtype
+    self.embedder = Embed(vocab_size, d_model, rngs=rngs, **kw)
+    self.position_table = (LearnedPositions(max_len, d_model, rngs=rngs, **kw)
+                           if position == 'learned' else None)
+    self.blocks = nnx.List([
+        DecoderBlock(d_model, num_heads, d_ff, num_kv_heads=num_kv_heads, head_dim=head_dim,
+                     mlp_activation=mlp_activation, norm=norm, dropout_rate=dropout_rate,
+                     attention_impl=attention_impl, rngs=rngs, **kw)
+        for _ in range(num_layers)])
+    self.final_norm = make_norm(norm, d_model, **kw)
+    self.head = None if tie_embeddings else nnx.Einsum(
+        'BLD,DV->BLV', (d_model, vocab_size),
+        kernel_init=nnx.with_partitioning(nnx.initializers.lecun_normal(), ('embed', 'vocab')),
+        rngs=rngs, **kw)
+    self.embed_dropout = nnx.Dropout(dropout_rate)
+
+  def embed(self, tokens: jax.Array) -> jax.Array:
+    """int tokens [B, L] -> token embeddings [B, L, D] (no positions).
+
+    The semi-causal insertion point: replace rows with encoder outputs, then pass the
+    result as `embeddings=` to `__call__` or `decode`.
+    """
+    return self.embedder(tokens)
+
+  def __call__(self, tokens: jax.Array | None = None, *, embeddings: jax.Array | None = None,
+               positions: jax.Array | None = None, segment_ids: jax.Array | None = None,
+               attention_mask: jax.Array | None = None, deterministic: bool = True,
+               rngs: DropoutRngs = None) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Full parallel forward pass.
+
+    Args:
+      tokens: int [B, L]; exactly one of tokens / embeddings.
+      embeddings: [B, L, D] input embeddings (e.g. `embed(tokens)` with rows replaced).
+      positions: int [B, L]; default arange(L) (packed data: per-document positions).
+      segment_ids: int [B, L] packed-document ids, 0 = padding; adds a same-segment mask.
+      attention_mask: bool [B|1, N|1, L, L] replacing the causal mask (e.g. semi-causal);
+        segment masking still applies.
+      deterministic: False enables dropout (needs `rngs`).
+      rngs: dropout randomness: a PRNG key (fresh per step) or nnx.Rngs(dropout=...).
+
+    Returns:
+      (logits [B, L, V] float32, {'hidden': final normed hidden state [B, L, D]}).
+    """
+    x = self._inputs(tokens, embeddings)
+    batch, length = x.shape[:2]
+    if positions is None:
+      positions = jnp.broadcast_to(jnp.arange(length), (batch, length))
+    train = not deterministic and self.dropout_rate > 0.0
+    if train and rngs is None:
+      raise ValueError('deterministic=False with dropout_rate='
+                       f'{self.dropout_rate} needs rngs= (a PRNG key or nnx.Rngs(dropout=...)).')
+    if isinstance(rngs, jax.Array):
+      rngs = nnx.Rngs(dropout=rngs)
+    x = self.embed_dropout(self._add_positions(x, positions),
+                           deterministic=deterministic, rngs=rngs)
+    mask = causal_mask(length) if attention_mask is None else attention_mask
+    if segment_ids is not None:
+      mask = combine_masks(mask, segment_mask(segment_ids))
+    for block in self.blocks:
+      x = block(x, mask=mask, positions=positions, rotary=self._rotary,
+                deterministic=deterministic, rngs=rngs)
+    hidden = self.final_norm(x)
+    return self._logits(hidden), {'hidden': hidden}
+
+  def init_cache(self, batch_size: int, max_len: int, dtype=jnp.float32) -> dict:
+    """Empty cache {'index': int32 0, 'layers': [{'k', 'v'} [B, max_len, K, H]] per block}."""
+    if self.position == 'learned' and max_len > self.max_len:
+      raise ValueError(f'cache max_len={max_len} exceeds the learned position table '
+                       f'(max_len={self.max_len}); build the Decoder with a larger max_len.')
+    return {'index': jnp.zeros((), jnp.int32),
+            'layers': [b.attention.init_cache(batch_size, max_len, dtype) for b in self.blocks]}
+
+  def decode(self, tokens: jax.Array | None, cache: dict, *,
+             embeddings: jax.Array | None = None, positions: jax.Array | None = None,
+             attention_mask: jax.Array | None = None) -> tuple[jax.Array, dict]:
+    """Causal forward of T new tokens over the KV cache (prefill: T > 1, step: T = 1).
+
+    Args:
+      tokens: int [B, T] (or None when `embeddings` [B, T, D] are given).
+      cache: from `init_cache` or a previous `decode`; tokens go to slots
+        index .. index + T - 1, which must fit in the cache (under jit an overflow
+        cannot be detected: `dynamic_update_slice` would clamp the write).
+      embeddings: [B, T, D] instead of tokens (e.g. a prefill with encoder outputs).
+      positions: int [B, T]; default index + arange(T).
+      attention_mask: bool [B|1, N|1, T, S_max] over cache slots, replacing the default
+        `causal_mask(T, kv_length=S_max, offset=index)` (e.g. a bidirectional prefix-LM
+        prefill); it must keep slots >= index + T masked.
+
+    Returns:
+      (logits [B, T, V] float32, new cache with index advanced by T).
+    """
+    x = self._inputs(tokens, embeddings)
+    batch, length = x.shape[:2]
+    index = cache['index']
+    if positions is None:
+      positions = jnp.broadcast_to(index + jnp.arange(length), (batch, length))
+    x = self._add_positions(x, positions)
+    cache_len = cache['layers'][0]['k'].shape[1]
+    mask = (causal_mask(length, kv_length=cache_len, offset=index)
+            if attention_mask is None else attention_mask)
+    new_layers = []
+    for block, layer_cache in zip(self.blocks, cache['layers']):
+      x, layer_cache = block.decode(x, layer_cache, index=index, mask=mask,
+                                    positions=positions, rotary=self._rotary)
+      new_layers.append(layer_cache)
+    logits = self._logits(self.final_norm(x))
+    return logits, {'index': index + length, 'layers': new_layers}
+
+  @property
+  def _rotary(self) -> RotaryFn | None:
+    return rope if self.position == 'rope' else None
+
+  def _inputs(self, tokens, embeddings) -> jax.Array:
+    if (tokens is None) == (embeddings is None):
+      raise ValueError('Pass exactly one of tokens= or embeddings= '
+                       f'(got tokens={tokens is not None}, embeddings={embeddings is not None}).')
+    return self.embed(tokens) if embeddings is None else embeddings.astype(self.dtype)
+
+  def _add_positions(self, x: jax.Array, positions: jax.Array) -> jax.Array:
+    if self.position == 'learned':
+      return x + self.position_table(positions)
+    if self.position == 'sinusoidal':
+      return x + sinusoidal_positions(positions, self.d_model).astype(x.dtype)
+    return x  # rope is applied to q / k inside attention
+
+  def _logits(self, hidden: jax.Array) -> jax.Array:
+    if self.head is None:
+      logits = self.embedder.attend(hidden) / np.sqrt(self.d_model)
+    else:
+      logits = self.head(hidden)
+    return logits.astype(jnp.float32)
+
+
+def param_count(tree) -> int:
+  """Number of parameters in an nnx.Module, nnx.State or pytree of arrays / shape structs."""
+  if isinstance(tree, nnx.Module):
+    tree = nnx.state(tree, nnx.Param)
+  return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))
+
+
+def flops_per_token(num_params: int, *, num_layers: int, num_heads: int, head_dim: int,
+                    seq_len: int) -> float:
+  """Training FLOPs per token, 6 N + 12 L N_h H T (PaLM paper, appendix B).
+
+  6N counts the matmuls of forward + backward over N parameters (pass the non-embedding
+  count to follow PaLM exactly); the second term is attention's QK^T and AV products
+  over a sequence of seq_len, without discounting the causal half. For MFU:
+  mfu = tokens_per_second * flops_per_token / peak_flops.
+  """
+  return 6.0 * num_params + 12.0 * num_layers * num_heads * head_dim * seq_len
