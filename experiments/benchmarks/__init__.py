@@ -1,0 +1,1 @@
+"""Micro-benchmarks, run as plain processes: `python -m experiments.benchmarks.<name>`."""
