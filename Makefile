@@ -19,7 +19,7 @@ install: $(STAMP)
 # perplexity falls; checkpoints, metrics.jsonl, TensorBoard events, loss_curve.png and a
 # sample land in $(DEMO_WORKDIR) (wiped first, so every demo starts from scratch).
 demo: $(STAMP)
-	$(BIN)/python experiments/prepare_data.py --dataset=pydoc_topics --tokenizer_vocab_size=2048
+	$(BIN)/python experiments/prepare_data.py --dataset=pydoc_topics --tokenizer_vocab_size=1024
 	rm -rf $(DEMO_WORKDIR)
 	$(BIN)/python experiments/train.py --config=configs/decoder_lm.py --workdir=$(DEMO_WORKDIR)
 

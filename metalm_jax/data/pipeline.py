@@ -22,7 +22,7 @@ exactly the same batches, so it can be saved with orbax through
 `grain.checkpoint.CheckpointSave(iterator)` / `CheckpointRestore(iterator)`.
 """
 import functools
-from typing import Iterator
+from typing import Callable, Iterator
 
 import grain
 import jax
@@ -34,6 +34,8 @@ FEATURES = {
     "inputs": np.int32, "targets": np.int32, "segment_ids": np.int32, "positions": np.int32,
     "weights": np.float32,
 }
+# An objective's per-row transform: (row, np.random.Generator) -> row.
+Prepare = Callable[[dict, np.random.Generator], dict]
 # Threads that read, tokenize and chunk documents ahead of the packer.
 _READ_OPTIONS = grain.ReadOptions(num_threads=2, prefetch_buffer_size=32)
 
@@ -122,7 +124,8 @@ def _packed_rows(documents: grain.MapDataset, tokenizer: tokenizers.Tokenizer, *
 def lm_dataset(source, tokenizer: tokenizers.Tokenizer, *, seq_len: int, batch_size: int,
                seed: int, shuffle: bool = True, num_epochs: int | None = None,
                process_index: int = 0, process_count: int = 1, text_key: str = "text",
-               num_packing_bins: int | None = None, worker_count: int = 0) -> grain.IterDataset:
+               num_packing_bins: int | None = None, worker_count: int = 0,
+               prepare: Prepare | None = None) -> grain.IterDataset:
   """Training batches of packed documents for one process (see the module docstring).
 
   Args:
@@ -138,6 +141,10 @@ def lm_dataset(source, tokenizer: tokenizers.Tokenizer, *, seq_len: int, batch_s
     process_index, process_count: this process takes documents process_index::process_count.
     text_key: the document feature to tokenize.
     num_packing_bins: rows packed at once (default 4 * B); more bins, less padding.
+    prepare: an objective's per-row `prepare(row, rng) -> row` (NumPy; masking, spans...),
+      applied to each packed row before batching with a generator seeded from `seed` and
+      the row's index, so it is deterministic and resumes exactly. Its outputs must have
+      static shapes.
     worker_count: grain worker processes (0: all in this process). Workers need absl flags
       parsed (`app.run`) and a `__main__` guard. The batches depend on the worker count,
       so store it with the iterator state and resume with the same count.
@@ -152,6 +159,8 @@ def lm_dataset(source, tokenizer: tokenizers.Tokenizer, *, seq_len: int, batch_s
   rows = _packed_rows(documents, tokenizer, seq_len=seq_len,
                       text_key=text_key, num_packing_bins=num_packing_bins or 4 * batch_size,
                       seed=seed, shuffle_bins=shuffle)
+  if prepare is not None:
+    rows = rows.random_map(prepare, seed=seed)
   batches = rows.batch(batch_size, drop_remainder=True)
   if worker_count:
     batches = batches.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
@@ -164,12 +173,14 @@ def empty_batch(batch_size: int, seq_len: int) -> dict[str, np.ndarray]:
 
 
 def _eval_dataset(source, tokenizer, *, seq_len, batch_size, process_index, process_count,
-                  text_key) -> grain.IterDataset:
+                  text_key, prepare=None) -> grain.IterDataset:
   documents = process_documents(source, process_index=process_index,
                                 process_count=process_count)
   rows = _packed_rows(documents, tokenizer,
                       seq_len=seq_len, text_key=text_key, num_packing_bins=4 * batch_size,
                       seed=0, shuffle_bins=False)
+  if prepare is not None:
+    rows = rows.random_map(prepare, seed=0)
   pad = functools.partial(grain.experimental.batch_and_pad, batch_size=batch_size)
   return rows.batch(batch_size, batch_fn=pad)
 
@@ -186,13 +197,14 @@ def count_eval_batches(source, tokenizer: tokenizers.Tokenizer, *, seq_len: int,
 
 def eval_batches(source, tokenizer: tokenizers.Tokenizer, *, seq_len: int, batch_size: int,
                  process_index: int = 0, process_count: int = 1, num_batches: int | None = None,
-                 text_key: str = "text") -> Iterator[dict[str, np.ndarray]]:
+                 text_key: str = "text",
+                 prepare: Prepare | None = None) -> Iterator[dict[str, np.ndarray]]:
   """One deterministic, unshuffled pass over `source` for evaluation, in FEATURES batches.
 
   The last partial batch is padded with empty rows (weights 0). With several processes,
   every process must run the same number of eval steps: all yield `num_batches` batches
   (default `count_eval_batches(...)`, computed here), the short ones padded with
-  `empty_batch`es.
+  all-zero batches. `prepare` (an objective's row transform) runs with a fixed seed.
 
   Yields:
     dicts of numpy arrays, each [batch_size, seq_len].
@@ -203,14 +215,16 @@ def eval_batches(source, tokenizer: tokenizers.Tokenizer, *, seq_len: int, batch
   count = 0
   for batch in _eval_dataset(source, tokenizer, seq_len=seq_len, batch_size=batch_size,
                              process_index=process_index, process_count=process_count,
-                             text_key=text_key):
+                             text_key=text_key, prepare=prepare):
     if count == num_batches:
       raise ValueError(f"num_batches={num_batches} is too small for process {process_index}'s "
                        "evaluation data; use count_eval_batches(...).")
     count += 1
+    last = batch
     yield batch
   for _ in range(count, num_batches or 0):
-    yield empty_batch(batch_size, seq_len)
+    yield (empty_batch(batch_size, seq_len) if count == 0
+           else {k: np.zeros_like(v) for k, v in last.items()})
 
 
 def make_global_batch(batch: dict[str, np.ndarray],

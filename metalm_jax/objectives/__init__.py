@@ -2,8 +2,9 @@
 
 An objective is a pair: a NumPy `prepare(example, rng) -> example` that runs per example in the
 grain pipeline (masking, span sampling, permutation; None when the packed LM batch is all it
-needs) and a JAX `loss(model, batch, *, deterministic) -> (loss, metrics)` that runs inside
-the jitted train step. `config.objective` names one.
+needs) and a JAX `loss(model, batch, *, deterministic=True, rng=None) -> (loss, metrics)` that
+runs inside the jitted train step (`rng`: a fresh PRNG key per step, for dropout).
+`metrics` must hold 'loss' and 'tokens' (the number of positions the loss averages over). `config.objective` names one.
 
   from metalm_jax import objectives
   objectives.register("my_lm", loss=my_loss)       # e.g. in a notebook cell

@@ -27,10 +27,13 @@ def weighted_cross_entropy(logits: jax.Array, targets: jax.Array, weights: jax.A
   return loss, {"loss": loss, "accuracy": accuracy, "tokens": weights.sum()}
 
 
-def loss(model, batch, *, deterministic: bool = True):
-  """Next-token loss of a decoder on a packed batch (inputs, targets, positions, segments)."""
+def loss(model, batch, *, deterministic: bool = True, rng=None):
+  """Next-token loss of a decoder on a packed batch (inputs, targets, positions, segments).
+
+  `rng` (a PRNG key) drives dropout when `deterministic` is False.
+  """
   logits, _ = model(batch["inputs"], positions=batch["positions"],
-                    segment_ids=batch["segment_ids"], deterministic=deterministic)
+                    segment_ids=batch["segment_ids"], deterministic=deterministic, rngs=rng)
   return weighted_cross_entropy(logits, batch["targets"], batch["weights"])
 
 

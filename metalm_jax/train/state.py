@@ -2,7 +2,7 @@
 
 The model is a Flax NNX module used functionally: `nnx.split` gives a static `graphdef` and
 parameter / other state; the train state holds the parameters as a plain nested dict of arrays
-(easy for optax, orbax and sharding), and `model_from(graphdef, params, rest)` rebuilds the
+(easy for optax, orbax and sharding), and `Model.merge(params, rest)` rebuilds the
 module inside jitted functions.
 """
 from __future__ import annotations
@@ -78,19 +78,16 @@ class Model:
     self.logical_specs = sharding.param_logical_specs(self._abstract_param_state)
 
   def init(self, rng: jax.Array) -> tuple[dict, nnx.State]:
-    """(params as a pure dict, the rest of the module state such as rng streams)."""
+    """(params as a pure dict, the non-parameter module state: empty for the decoder)."""
     model = build_model(self.config, nnx.Rngs(rng))
     _, params, rest = nnx.split(model, nnx.Param, ...)
     return params.to_pure_dict(), rest
 
-  def merge(self, params: Mapping, rest: nnx.State, dropout_rng: jax.Array | None = None):
-    """Rebuilds the module from a pure params dict; reseeds dropout when a key is given."""
+  def merge(self, params: Mapping, rest: nnx.State):
+    """Rebuilds the module from a pure params dict (inside or outside jit)."""
     param_state = jax.tree.map(lambda v: v, self._abstract_param_state)  # fresh copy
     nnx.replace_by_pure_dict(param_state, params)
-    model = nnx.merge(self.graphdef, param_state, rest)
-    if dropout_rng is not None:
-      nnx.reseed(model, dropout=dropout_rng, default=dropout_rng)
-    return model
+    return nnx.merge(self.graphdef, param_state, rest)
 
   def param_count(self) -> int:
     return sum(int(x.size) for x in jax.tree.leaves(self.abstract_params))

@@ -25,8 +25,8 @@ def make_train_step(model: Model, tx: optax.GradientTransformation, objective: O
     rng, dropout_rng = jax.random.split(jax.random.wrap_key_data(state.rng))
 
     def loss_fn(params):
-      module = model.merge(params, rest, dropout_rng)
-      return objective.loss(module, batch, deterministic=False)
+      module = model.merge(params, rest)
+      return objective.loss(module, batch, deterministic=False, rng=dropout_rng)
 
     (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)

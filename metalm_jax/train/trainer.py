@@ -80,16 +80,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     raise config_lib.ConfigError(
         f"config.model.vocab_size={vocab_size} is smaller than the tokenizer's vocabulary "
         f"({tokenizer.vocab_size}, config.data.tokenizer={config.data.tokenizer!r}); raise it")
+  objective = objectives.get(config.objective)
   local_batch = config.batch_size // jax.process_count()
   train_ds = pipeline.lm_dataset(
       train_source, tokenizer, seq_len=config.data.seq_len, batch_size=local_batch,
       seed=config.seed, shuffle=True, num_epochs=None, process_index=jax.process_index(),
-      process_count=jax.process_count(), worker_count=config.data.worker_count)
+      process_count=jax.process_count(), worker_count=config.data.worker_count,
+      prepare=objective.prepare)
   train_iter = iter(train_ds)
   batch_shardings = sharding.batch_sharding(mesh, rules)
 
   # ---------------------------------------------------------------- model and optimizer
-  objective = objectives.get(config.objective)
   model = state_lib.Model(config.model)
   tx = state_lib.make_optimizer(config.optimizer, config.num_train_steps)
   schedule = state_lib.learning_rate_schedule(config.optimizer, config.num_train_steps)
@@ -115,7 +116,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     totals = {"loss_sum": 0.0, "accuracy_sum": 0.0, "tokens": 0.0}
     batches = pipeline.eval_batches(
         eval_source, tokenizer, seq_len=config.data.seq_len, batch_size=local_batch,
-        process_index=jax.process_index(), process_count=jax.process_count())
+        process_index=jax.process_index(), process_count=jax.process_count(),
+        prepare=objective.prepare)
     # Every process yields the same number of batches, so a prefix stays in step too.
     for batch in itertools.islice(batches, config.eval_batches or None):
       out = eval_step(params, rest, pipeline.make_global_batch(batch, batch_shardings))
