@@ -46,7 +46,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval_batches = 8  # batches of the validation split per eval; 0 = the whole split
   c.checkpoint_every_steps = 200
   c.keep_checkpoints = 3
-  c.nan_policy = "stop"  # non-finite loss: stop naming the step, last good checkpoint kept
+  c.nan_policy = "stop"  # non-finite loss or gradient: 'stop' naming the step (the last good
+  # checkpoint is kept) or 'skip' the update (parameters unchanged) and count it
+  c.deadline_minutes = 0.0  # > 0: checkpoint and stop cleanly after this much wall-clock time
 
   c.optimizer = ml_collections.ConfigDict()
   c.optimizer.learning_rate = 3e-3
@@ -174,8 +176,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
     if key not in config:
       raise ConfigError(f"config.{key} is missing; start configs from metalm_jax.config.base_config()")
   _check_model(config.model)
-  if config.nan_policy not in ("stop",):
-    raise ConfigError(f"config.nan_policy={config.nan_policy!r}; valid: 'stop'")
+  if config.nan_policy not in ("stop", "skip"):
+    raise ConfigError(f"config.nan_policy={config.nan_policy!r}; valid: 'stop', 'skip'")
   for key in ("batch_size", "num_train_steps", "log_every_steps", "checkpoint_every_steps",
               "eval_every_steps", "keep_checkpoints"):
     if config[key] <= 0:

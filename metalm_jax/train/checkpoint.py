@@ -62,9 +62,11 @@ class Checkpointer:
     meta = self.manager.item_metadata(step)
     saved = _shape_tree(_tree_of(meta["state"]))
     wanted = _shape_tree(abstract_state)
-    missing = sorted(set(wanted) - set(saved))
-    extra = sorted(set(saved) - set(wanted))
-    differ = sorted(k for k in set(saved) & set(wanted) if saved[k] != wanted[k])
+    params_first = lambda k: (not k.startswith("params"), k)
+    missing = sorted(set(wanted) - set(saved), key=params_first)
+    extra = sorted(set(saved) - set(wanted), key=params_first)
+    differ = sorted((k for k in set(saved) & set(wanted) if saved[k] != wanted[k]),
+                    key=params_first)
     if missing or extra or differ:
       lines = [f"  {k}: checkpoint {saved[k]} vs model {wanted[k]}" for k in differ[:10]]
       lines += [f"  only in the model: {k}" for k in missing[:5]]

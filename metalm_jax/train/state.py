@@ -28,6 +28,7 @@ class TrainState:
   params: dict  # nested dict of arrays (nnx.Param values)
   opt_state: Any
   rng: jax.Array  # raw uint32 PRNG key data, split once per step
+  nonfinite_skips: jax.Array  # int32 scalar: updates skipped for a NaN/inf (nan_policy='skip')
 
 
 def build_model(model_config, rngs: nnx.Rngs) -> nnx.Module:
@@ -108,7 +109,8 @@ def create_train_state(model: Model, tx: optax.GradientTransformation, rng: jax.
   def init(key):
     params, _ = model.init(key)
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
-                      rng=jax.random.key_data(state_key))
+                      rng=jax.random.key_data(state_key),
+                      nonfinite_skips=jnp.zeros((), jnp.int32))
 
   abstract = jax.eval_shape(init, init_key)
   shardings = sharding.state_shardings(abstract, model.logical_specs, mesh, rules)

@@ -17,9 +17,14 @@ def replicated(mesh, tree) -> Any:
 
 
 def make_train_step(model: Model, tx: optax.GradientTransformation, objective: Objective,
-                    schedule: optax.Schedule, state_shardings, rest, batch_shardings, mesh):
+                    schedule: optax.Schedule, state_shardings, rest, batch_shardings, mesh, *,
+                    skip_nonfinite: bool = False):
   """Returns `train_step(state, rest, batch) -> (state, metrics)`, jitted with explicit
-  in/out shardings and the old state's buffers donated."""
+  in/out shardings and the old state's buffers donated.
+
+  With `skip_nonfinite`, an update whose loss or gradient norm is NaN/inf is dropped
+  (parameters and optimizer state unchanged) and counted in `state.nonfinite_skips`.
+  """
 
   def train_step(state: TrainState, rest, batch):
     rng, dropout_rng = jax.random.split(jax.random.wrap_key_data(state.rng))
@@ -28,13 +33,21 @@ def make_train_step(model: Model, tx: optax.GradientTransformation, objective: O
       module = model.merge(params, rest)
       return objective.loss(module, batch, deterministic=False, rng=dropout_rng)
 
-    (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    metrics = dict(metrics, grad_norm=optax.global_norm(grads),
-                   learning_rate=schedule(state.step))
+    grad_norm = optax.tree.norm(grads)
+    skips = state.nonfinite_skips
+    if skip_nonfinite:
+      finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+      keep = lambda new, old: jnp.where(finite, new, old)
+      params = jax.tree.map(keep, params, state.params)
+      opt_state = jax.tree.map(keep, opt_state, state.opt_state)
+      skips = skips + (~finite).astype(jnp.int32)
+    metrics = dict(metrics, grad_norm=grad_norm, learning_rate=schedule(state.step),
+                   nonfinite_skips=skips)
     new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
-                              rng=jax.random.key_data(rng))
+                              rng=jax.random.key_data(rng), nonfinite_skips=skips)
     return new_state, metrics
 
   return jax.jit(

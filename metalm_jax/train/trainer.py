@@ -22,6 +22,7 @@ from metalm_jax.data import datasets, pipeline, tokenizers
 from metalm_jax.inference import generate
 from metalm_jax.train import checkpoint as checkpoint_lib
 from metalm_jax.train import metrics as metrics_lib
+from metalm_jax.train import preemption
 from metalm_jax.train import state as state_lib
 from metalm_jax.train import step as step_lib
 
@@ -53,7 +54,11 @@ def load_tokenizer(data_config) -> tokenizers.Tokenizer:
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Trains `config` in `workdir`, resuming from its latest checkpoint if there is one.
 
-  Returns the final metrics: {'step', 'train_loss', 'eval_loss', 'eval_perplexity', 'sample'}.
+  SIGTERM / SIGINT or `config.deadline_minutes` stop it cleanly: the current step finishes,
+  a checkpoint is written, and the result's 'stopped' names the reason (None otherwise).
+
+  Returns the final metrics: {'step', 'train_loss', 'eval_loss', 'eval_perplexity', 'stopped',
+  'sample' (unless stopped)}.
   """
   config_lib.validate(config)
   _check_workdir(workdir)
@@ -108,7 +113,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   start_step = int(state.step)
 
   train_step = step_lib.make_train_step(model, tx, objective, schedule, state_shardings, rest,
-                                        batch_shardings, mesh)
+                                        batch_shardings, mesh,
+                                        skip_nonfinite=config.nan_policy == "skip")
   eval_step = step_lib.make_eval_step(model, objective, state_shardings, rest,
                                       batch_shardings, mesh)
 
@@ -132,42 +138,51 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                                   enabled=config.progress_bar and is_main,
                                   tokens_per_step=tokens_per_step)
   config_dict = checkpoint_lib.config_to_dict(config)
-  train_loss, eval_metrics, window = float("nan"), {}, []
+  train_loss, eval_metrics, window, stopped = float("nan"), {}, [], None
   try:
-    for step in range(start_step + 1, config.num_train_steps + 1):
-      batch = pipeline.make_global_batch(next(train_iter), batch_shardings)
-      state, metrics = train_step(state, rest, batch)
-      metrics = metrics_lib.host_scalars(jax.device_get(metrics))
-      if not math.isfinite(metrics["loss"]):
-        last = checkpointer.latest_step()
-        raise NonFiniteLossError(
-            f"loss became {metrics['loss']} at step {step}; stopping. The last good checkpoint "
-            f"(step {last}) in {checkpointer.directory} is kept untouched. Lower "
-            "config.optimizer.learning_rate or check the data.")
-      window.append(metrics)
-      if step % config.log_every_steps == 0 or step == config.num_train_steps:
-        mean = {k: float(np.mean([m[k] for m in window])) for k in window[0]}
-        mean["tokens_per_sec"] = progress.update(step, mean)
-        writer.write(step, "train", mean)
-        train_loss, window = mean["loss"], []
-      else:
-        progress.update(step)
-      if step % config.eval_every_steps == 0 or step == config.num_train_steps:
-        eval_metrics = evaluate(state.params)
-        writer.write(step, "eval", eval_metrics)
-        progress.write(f"step {step}: eval loss {eval_metrics['loss']:.4f}, "
-                       f"perplexity {eval_metrics['perplexity']:.2f}")
-      if step % config.checkpoint_every_steps == 0 or step == config.num_train_steps:
-        checkpointer.save(step, state, train_iter, config_dict)
+    with preemption.StopRequest(deadline_minutes=config.deadline_minutes) as stop:
+      for step in range(start_step + 1, config.num_train_steps + 1):
+        batch = pipeline.make_global_batch(next(train_iter), batch_shardings)
+        state, metrics = train_step(state, rest, batch)
+        metrics = metrics_lib.host_scalars(jax.device_get(metrics))
+        if config.nan_policy == "stop" and not (math.isfinite(metrics["loss"])
+                                                and math.isfinite(metrics["grad_norm"])):
+          raise NonFiniteLossError(
+              f"loss {metrics['loss']} / gradient norm {metrics['grad_norm']} at step {step}; "
+              f"stopping. The last good checkpoint (step {checkpointer.latest_step()}) in "
+              f"{checkpointer.directory} is kept untouched. Lower config.optimizer.learning_rate"
+              ", check the data, or set config.nan_policy='skip' to drop such updates.")
+        window.append(metrics)
+        last_step = step == config.num_train_steps
+        if step % config.log_every_steps == 0 or last_step:
+          mean = {k: float(np.nanmean([m[k] for m in window])) for k in window[0]}
+          mean["nonfinite_skips"] = metrics["nonfinite_skips"]
+          mean["tokens_per_sec"] = progress.update(step, mean)
+          writer.write(step, "train", mean)
+          train_loss, window = mean["loss"], []
+        else:
+          progress.update(step)
+        if step % config.eval_every_steps == 0 or last_step:
+          eval_metrics = evaluate(state.params)
+          writer.write(step, "eval", eval_metrics)
+          progress.write(f"step {step}: eval loss {eval_metrics['loss']:.4f}, "
+                         f"perplexity {eval_metrics['perplexity']:.2f}")
+        stopped = None if last_step else stop.requested()
+        if step % config.checkpoint_every_steps == 0 or last_step or stopped:
+          checkpointer.save(step, state, train_iter, config_dict, force=bool(stopped))
+        if stopped:
+          progress.write(f"stop requested ({stopped}): checkpoint written at step {step} in "
+                         f"{checkpointer.directory}; run the same command again to resume")
+          break
   finally:
     progress.close()
     checkpointer.close()
     writer.close()
 
   # ---------------------------------------------------------------- plot and sample
-  result = {"step": int(state.step), "train_loss": train_loss,
+  result = {"step": int(state.step), "train_loss": train_loss, "stopped": stopped,
             "eval_loss": eval_metrics.get("loss"), "eval_perplexity": eval_metrics.get("perplexity")}
-  if is_main:
+  if is_main and not stopped:
     plot = metrics_lib.plot_loss_curve(workdir)
     result["sample"] = sample_text(model, state.params, rest, tokenizer, config.sample, rng)
     with open(os.path.join(workdir, "sample.txt"), "w") as f:
