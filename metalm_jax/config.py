@@ -65,7 +65,7 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.sample = ml_collections.ConfigDict()
   c.sample.prompt = "The "
-  c.sample.max_new_tokens = 64
+  c.sample.max_new_tokens = 64  # 0: no sample at the end
   c.sample.temperature = 0.0  # 0 = greedy
 
   c.progress_bar = True

@@ -34,3 +34,35 @@ def pydoc_data_dir(tmp_path_factory):
   tokenizers.get_tokenizer("sentencepiece", dataset="pydoc_topics", data_dir=data_dir,
                            vocab_size=512)
   return data_dir
+
+
+def tiny_config(data_dir, **overrides):
+  """configs/decoder_lm.py:size=test on `data_dir`, 6 steps; overrides as {'a.b': value}."""
+  import ml_collections
+  from tests.test_config import load_config
+
+  config = ml_collections.ConfigDict(load_config("decoder_lm", "size=test").to_dict())
+  config.data.data_dir = data_dir
+  config.num_train_steps = 6
+  config.checkpoint_every_steps = 2
+  config.eval_every_steps = 3
+  config.log_every_steps = 1
+  config.sample.max_new_tokens = 4
+  for key, value in overrides.items():
+    node = config
+    *parents, leaf = key.split(".")
+    for p in parents:
+      node = node[p]
+    node[leaf] = value
+  return config
+
+
+@pytest.fixture(scope="session")
+def uninterrupted(pydoc_data_dir, tmp_path_factory):
+  """One finished 6-step run of the test config: (workdir, config, result)."""
+  from metalm_jax.train import trainer
+
+  workdir = str(tmp_path_factory.mktemp("straight"))
+  config = tiny_config(pydoc_data_dir)
+  result = trainer.train_and_evaluate(config, workdir)
+  return workdir, config, result

@@ -19,7 +19,7 @@ def train_cmd(data_dir, workdir, steps):
           f"--workdir={workdir}", f"--config.data.data_dir={data_dir}",
           f"--config.num_train_steps={steps}", "--config.checkpoint_every_steps=1000",
           "--config.eval_every_steps=1000", "--config.log_every_steps=1",
-          "--config.sample.max_new_tokens=2"]
+          "--config.sample.max_new_tokens=0"]
 
 
 def wait_for_train_rows(workdir, n, proc, timeout=240):

@@ -2,8 +2,6 @@
 import os
 
 import jax
-import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import pytest
 
@@ -14,24 +12,7 @@ from metalm_jax.train import metrics as metrics_lib
 from metalm_jax.train import state as state_lib
 from metalm_jax.train import step as step_lib
 from metalm_jax.train import trainer
-from tests.test_config import load_config
-
-
-def tiny_config(data_dir, **overrides):
-  config = ml_collections.ConfigDict(load_config("decoder_lm", "size=test").to_dict())
-  config.data.data_dir = data_dir
-  config.num_train_steps = 6
-  config.checkpoint_every_steps = 2
-  config.eval_every_steps = 3
-  config.log_every_steps = 1
-  config.sample.max_new_tokens = 4
-  for key, value in overrides.items():
-    node = config
-    *parents, leaf = key.split(".")
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
-  return config
+from tests.conftest import tiny_config
 
 
 def final_params(workdir, config):
@@ -43,14 +24,6 @@ def final_params(workdir, config):
   ckpt.close()
   del model
   return step, restored["params"]
-
-
-@pytest.fixture(scope="module")
-def uninterrupted(pydoc_data_dir, tmp_path_factory):
-  workdir = str(tmp_path_factory.mktemp("straight"))
-  config = tiny_config(pydoc_data_dir)
-  result = trainer.train_and_evaluate(config, workdir)
-  return workdir, config, result
 
 
 def test_run_writes_everything_and_learns(uninterrupted):

@@ -7,9 +7,12 @@ directories atomically: a directory left half-written by a kill is never taken a
 """
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import logging
 import os
+import time
 from typing import Any
 
 import grain
@@ -21,6 +24,18 @@ logger = logging.getLogger(__name__)
 
 class CheckpointMismatchError(ValueError):
   """The workdir's checkpoint does not fit the configured model; nothing was overwritten."""
+
+
+class WorkerCountMismatchError(ValueError):
+  """Resuming with another grain worker count would change the data order."""
+
+
+class CheckpointSaveError(OSError):
+  """A checkpoint could not be written (disk full, permissions...); older ones are intact."""
+
+
+class CheckpointCorruptError(RuntimeError):
+  """No checkpoint in the workdir could be read."""
 
 
 def _path_str(path) -> str:
@@ -52,10 +67,26 @@ class Checkpointer:
     return self.manager.latest_step()
 
   def save(self, step: int, state, data_iterator, config_dict: dict, *, force: bool = False):
-    self.manager.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state),
-        data=grain.checkpoint.CheckpointSave(data_iterator),
-        config=ocp.args.JsonSave(config_dict)), force=force)
+    """Starts an (async) save of step `step`; errors of earlier async saves surface here."""
+    with self._save_errors(step):
+      self.manager.save(step, args=ocp.args.Composite(
+          state=ocp.args.StandardSave(state),
+          data=grain.checkpoint.CheckpointSave(data_iterator),
+          config=ocp.args.JsonSave(config_dict)), force=force)
+
+  @contextlib.contextmanager
+  def _save_errors(self, step: int | None):
+    try:
+      yield
+    except OSError as e:
+      disk_full = e.errno == errno.ENOSPC
+      raise CheckpointSaveError(
+          f"writing the checkpoint{'' if step is None else f' of step {step}'} to "
+          f"{self.directory} failed: {e}. "
+          + ("The disk is full: free space there. " if disk_full else "")
+          + f"The last complete checkpoint (step {self.manager.latest_step()}) is intact and "
+          "a partly written one is never taken as latest; run the same command again to "
+          "resume from it.") from e
 
   def check_compatible(self, step: int, abstract_state) -> None:
     """Raises CheckpointMismatchError naming the differing arrays, before anything is written."""
@@ -78,6 +109,61 @@ class Checkpointer:
           "restore the config this workdir was trained with (saved in the checkpoint's "
           "'config' item). Nothing was overwritten.")
 
+  def restore_latest_good(self, abstract_state, state_shardings, data_iterator, *,
+                          worker_count: int):
+    """Restores the newest readable checkpoint; returns (state, step) or (None, None).
+
+    A checkpoint that fails to read (a corrupt or truncated file) is skipped with a warning
+    naming it and the one used instead. A checkpoint of another model raises
+    CheckpointMismatchError at once: that is a config mistake, not corruption.
+    """
+    failures = []
+    for step in sorted(self.manager.all_steps(), reverse=True):
+      try:
+        self._check_worker_count(step, worker_count)
+        state = self.restore(step, abstract_state, state_shardings, data_iterator)
+      except (CheckpointMismatchError, WorkerCountMismatchError):
+        raise
+      except Exception as e:  # noqa: BLE001 - any read failure means "try an older one"
+        failures.append(f"step {step}: {type(e).__name__}: {str(e)[:300]}")
+        logger.warning("checkpoint at step %d in %s is unreadable (%s: %s); trying an older one",
+                       step, self.directory, type(e).__name__, str(e)[:300])
+        continue
+      if failures:
+        logger.warning("resumed from step %d instead of the unreadable newer checkpoint(s): %s",
+                       step, "; ".join(failures))
+        self._set_aside_newer_than(step)
+      return state, step
+    if failures:
+      raise CheckpointCorruptError(
+          f"no readable checkpoint in {self.directory}:\n  " + "\n  ".join(failures) +
+          "\nMove the directory away to start afresh, or restore it from a backup.")
+    return None, None
+
+  def _set_aside_newer_than(self, step: int) -> None:
+    """Moves unreadable checkpoints newer than `step` to `{workdir}/checkpoints_unreadable/`
+    (kept for inspection, never deleted) so that training can save those steps again."""
+    aside = os.path.join(os.path.dirname(self.directory), "checkpoints_unreadable")
+    if jax.process_index() == 0:
+      os.makedirs(aside, exist_ok=True)
+      for newer in self.manager.all_steps():
+        if newer > step:
+          target = os.path.join(aside, f"{newer}-{int(time.time())}")
+          os.replace(os.path.join(self.directory, str(newer)), target)
+          logger.warning("moved unreadable checkpoint %d to %s", newer, target)
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils
+      multihost_utils.sync_global_devices("checkpoints set aside")
+    self.manager.reload()
+
+  def _check_worker_count(self, step: int, worker_count: int) -> None:
+    saved = self.saved_config(step).get("data", {}).get("worker_count")
+    if saved is not None and saved != worker_count:
+      raise WorkerCountMismatchError(
+          f"the checkpoint at step {step} was taken with config.data.worker_count={saved}, "
+          f"this run has {worker_count}; the data order depends on it, so resume with "
+          f"--config.data.worker_count={saved} (or start a fresh --workdir)")
+
   def restore(self, step: int, abstract_state, state_shardings, data_iterator):
     """Restores state (in its sharded layout) and the data iterator's position in place."""
     self.check_compatible(step, abstract_state)
@@ -94,11 +180,14 @@ class Checkpointer:
         config=ocp.args.JsonRestore()))["config"]
 
   def wait(self):
-    self.manager.wait_until_finished()
+    with self._save_errors(None):
+      self.manager.wait_until_finished()
 
   def close(self):
-    self.manager.wait_until_finished()
-    self.manager.close()
+    try:
+      self.wait()
+    finally:
+      self.manager.close()
 
 
 def _tree_of(metadata) -> Any:

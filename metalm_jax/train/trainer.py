@@ -105,11 +105,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   rng = jax.random.key(config.seed)
   state, state_shardings, rest = state_lib.create_train_state(model, tx, rng, mesh, rules)
   checkpointer = checkpoint_lib.Checkpointer(workdir, keep=config.keep_checkpoints)
-  latest = checkpointer.latest_step()
-  if latest is not None:
-    abstract = jax.eval_shape(lambda: state)
-    state = checkpointer.restore(latest, abstract, state_shardings, train_iter)
-    logger.info("resumed from step %d in %s", latest, checkpointer.directory)
+  abstract = jax.eval_shape(lambda: state)
+  restored, restored_step = checkpointer.restore_latest_good(
+      abstract, state_shardings, train_iter, worker_count=config.data.worker_count)
+  if restored is not None:
+    state = restored
+    logger.info("resumed from step %d in %s", restored_step, checkpointer.directory)
   start_step = int(state.step)
 
   train_step = step_lib.make_train_step(model, tx, objective, schedule, state_shardings, rest,
@@ -184,10 +185,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
             "eval_loss": eval_metrics.get("loss"), "eval_perplexity": eval_metrics.get("perplexity")}
   if is_main and not stopped:
     plot = metrics_lib.plot_loss_curve(workdir)
-    result["sample"] = sample_text(model, state.params, rest, tokenizer, config.sample, rng)
-    with open(os.path.join(workdir, "sample.txt"), "w") as f:
-      f.write(result["sample"] + "\n")
-    logger.info("loss curve: %s; sample: %r", plot, result["sample"])
+    logger.info("loss curve: %s", plot)
+    if config.sample.max_new_tokens > 0:
+      result["sample"] = sample_text(model, state.params, rest, tokenizer, config.sample, rng)
+      with open(os.path.join(workdir, "sample.txt"), "w") as f:
+        f.write(result["sample"] + "\n")
+      logger.info("sample: %r", result["sample"])
   return result
 
 
