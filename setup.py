@@ -19,12 +19,15 @@ INSTALL_REQUIRES = [
     "matplotlib==3.11.2",
     "tensorboardX==2.6.5",
     "tqdm==4.70.1",
+    "scikit-learn==1.9.1",  # ships the real handwritten-digits images (bundled VL data)
 ]
 
 EXTRAS_REQUIRE = {
     "test": [
         "pytest==9.2.0",
         "hypothesis==6.170.15",
+        "nbclient==0.11.0",  # executes notebooks/ in the test suite
+        "ipykernel==7.4.0",
     ],
 }
 

@@ -15,6 +15,14 @@ from ml_collections import config_flags
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py[:args]).",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics, plots.")
+_DISTRIBUTED = flags.DEFINE_enum("distributed", "off", ["off", "auto", "explicit"],
+                                 "Multi-process start: off, auto (TPU pods, SLURM...), or explicit "
+                                 "(with the three flags below). See metalm_jax/train/distributed.py.")
+_COORDINATOR = flags.DEFINE_string("coordinator_address", "", "host:port of process 0.")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", 0, "Number of processes.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", -1, "This process's id.")
+_HEARTBEAT = flags.DEFINE_integer("heartbeat_timeout_seconds", 100,
+                                  "Seconds without a peer's heartbeat before giving up on it.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -22,8 +30,11 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   logging.getLogger().setLevel(logging.INFO)
-  from metalm_jax.train import train_and_evaluate  # after flags: jax reads XLA_FLAGS on import
+  from metalm_jax.train import distributed, train_and_evaluate  # after flags (XLA_FLAGS)
 
+  distributed.initialize(mode=_DISTRIBUTED.value, coordinator_address=_COORDINATOR.value,
+                         num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value,
+                         heartbeat_timeout_seconds=_HEARTBEAT.value)
   result = train_and_evaluate(_CONFIG.value, _WORKDIR.value)
   print({k: v for k, v in result.items()})
 

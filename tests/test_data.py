@@ -104,7 +104,7 @@ def test_not_prepared_error_names_the_command(tmp_path):
 
 
 def test_bad_dataset_split_and_empty_split_errors(data_dir):
-  with pytest.raises(ValueError, match="known datasets: \\['pydoc_topics'\\]"):
+  with pytest.raises(ValueError, match=r"known datasets: \[.*'pydoc_topics'"):
     datasets.data_source("pydoc", "train", data_dir)
   with pytest.raises(ValueError, match="splits: \\['train', 'validation'\\]"):
     datasets.data_source("pydoc_topics", "test", data_dir)

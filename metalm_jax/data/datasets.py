@@ -13,10 +13,12 @@ from typing import Any
 
 import tensorflow_datasets as tfds
 
+from metalm_jax.data import digits
 from metalm_jax.data import pydoc_corpus
 
 DATASETS: dict[str, type[tfds.core.DatasetBuilder]] = {
     "pydoc_topics": pydoc_corpus.PydocTopics,
+    "digits_vl": digits.DigitsVl,
 }
 
 

@@ -1,0 +1,274 @@
+"""grain pipelines for vision-language examples (`digits_vl`) -> static-shape batches.
+
+One element is ONE PROCESS's batch (B = batch size, N = max_images, S = image_size,
+C = num_channels, L = seq_len); every shape is fixed, so one compilation serves a run:
+
+    images         float32 [B, N, S, S, C]  pixels in [0, 1]; zeros where image_mask is False
+    image_mask     bool    [B, N]           True for a real image (NLVR2 rows have 2, others 1)
+    inputs         int32   [B, L]           [BOS] prompt answer, then PAD (0)
+    targets        int32   [B, L]           the next token of each input: prompt answer [EOS]
+    weights        float32 [B, L]           1.0 where targets[b, i] is an answer token or the
+                                            final EOS, 0.0 on the prompt and on padding
+    segment_ids    int32   [B, L]           1 on real text tokens, 0 on padding
+    prompt_length  int32   [B]              tokens of [BOS] + prompt: the answer starts at
+                                            inputs[b, prompt_length[b]]
+    text_length    int32   [B]              real tokens in inputs (1 + prompt + answer)
+    task           int32   [B]              index into digits.TASKS ('caption', 'vqa', 'nlvr2')
+
+Sequence layout (what a vision-language model builds from a row): the row's images come
+first, in order, each as one *image span* (the vision encoder's patch tokens of that image;
+for N = 2 the left image, then the right), followed by the L text positions:
+
+    [image 1 span] [image 2 span, if image_mask] [BOS] question ... answer: | seven [PAD] ...
+                                                  \\---- prompt_length ----/ \\- weights = 1
+
+Text is `prompts.prompt_text(example)` ("Summarize this image:" or "question: {q}
+answer:") and `prompts.target_text(example)` (" " + answer), tokenized separately and
+concatenated, so the answer tokens are exactly those a model generates after the prompt.
+`weights` train the answer only (finetuning / VQA). A semi-causal objective may instead
+pick its own split of the text: its `prepare(row, rng)` sees single rows (shapes without
+B) and may re-derive weights from `prompt_length` / `text_length`, e.g. let the encoder
+see the images + a random-length text prefix and the decoder predict the rest.
+
+Images are stored 8x8x1 uint8; `preprocess_image` scales to [0, 1], upsamples by
+nearest-neighbour to S (a multiple of 8) and repeats the gray channel to C (1 or 3).
+
+Tokenizers: any `tokenizers.Tokenizer`. `get_vl_tokenizer('byte')` needs no setup;
+`get_vl_tokenizer('sentencepiece', data_dir=...)` trains (in ~0.1 s) and caches a small
+SentencePiece model on every text the templates can produce.
+"""
+import functools
+import os
+from typing import Callable, Iterator, Sequence
+
+import grain
+import numpy as np
+
+from metalm_jax.data import datasets
+from metalm_jax.data import digits
+from metalm_jax.data import tokenizers
+from metalm_jax.evaluation import prompts
+
+DATASET = "digits_vl"
+# Feature -> (dtype, shape of one row given the pipeline's sizes).
+FEATURE_DTYPES = {
+    "images": np.float32, "image_mask": np.bool_, "inputs": np.int32, "targets": np.int32,
+    "weights": np.float32, "segment_ids": np.int32, "prompt_length": np.int32,
+    "text_length": np.int32, "task": np.int32,
+}
+# The largest vocabulary SentencePiece can build from the templates' text (~326).
+SENTENCEPIECE_VOCAB_SIZE = 320
+Prepare = Callable[[dict, np.random.Generator], dict]
+
+
+def feature_shapes(*, seq_len: int, max_images: int = 2, image_size: int = 8,
+                   num_channels: int = 1) -> dict[str, tuple[int, ...]]:
+  """The shape of each feature in one row (prepend B for a batch)."""
+  return {"images": (max_images, image_size, image_size, num_channels),
+          "image_mask": (max_images,), "inputs": (seq_len,), "targets": (seq_len,),
+          "weights": (seq_len,), "segment_ids": (seq_len,), "prompt_length": (),
+          "text_length": (), "task": ()}
+
+
+def preprocess_image(image: np.ndarray, *, image_size: int = 8,
+                     num_channels: int = 1) -> np.ndarray:
+  """uint8 [h, w, 1] -> float32 [S, S, C] in [0, 1]: nearest-neighbour upsampling by S / h."""
+  image = np.asarray(image)
+  if image.ndim == 2:
+    image = image[..., None]
+  height, width = image.shape[:2]
+  if height != width or image_size % height:
+    raise ValueError(f"image_size={image_size} must be a multiple of the square image's "
+                     f"side (image shape {image.shape}); e.g. 8, 16, 32 for digits.")
+  if num_channels not in (1, 3):
+    raise ValueError(f"num_channels={num_channels} must be 1 (gray) or 3 (gray repeated).")
+  factor = image_size // height
+  image = np.repeat(np.repeat(image, factor, axis=0), factor, axis=1)
+  image = image.astype(np.float32) / 255.0
+  return np.repeat(image[..., :1], num_channels, axis=-1)
+
+
+def prompt_tokens(example: dict, tokenizer: tokenizers.Tokenizer) -> np.ndarray:
+  """[BOS] + the prompt's tokens, int32 [prompt_length]: what generation starts from."""
+  ids = tokenizer.encode(prompts.prompt_text(example))
+  return np.concatenate([[tokenizer.bos_id], ids]).astype(np.int32)
+
+
+def encode_example(example: dict, tokenizer: tokenizers.Tokenizer, *, seq_len: int,
+                   max_images: int = 2, image_size: int = 8,
+                   num_channels: int = 1) -> dict[str, np.ndarray]:
+  """One `digits_vl` example -> one row of the batch format (module docstring), no B axis.
+
+  Raises:
+    ValueError: the text needs more than seq_len positions, or the example has more
+      images than max_images.
+  """
+  prompt = prompt_tokens(example, tokenizer)
+  answer = tokenizer.encode(prompts.target_text(example)).astype(np.int32)
+  sequence = np.concatenate([prompt, answer, [tokenizer.eos_id]]).astype(np.int32)
+  text_length = len(sequence) - 1
+  if text_length > seq_len:
+    raise ValueError(f"Example {prompts.prompt_text(example)!r} needs {text_length} text "
+                     f"positions but seq_len={seq_len}; raise seq_len.")
+  inputs = np.full((seq_len,), tokenizer.pad_id, np.int32)
+  targets = np.full((seq_len,), tokenizer.pad_id, np.int32)
+  inputs[:text_length], targets[:text_length] = sequence[:-1], sequence[1:]
+  positions = np.arange(seq_len)
+  weights = ((positions >= len(prompt) - 1) & (positions < text_length)).astype(np.float32)
+
+  image_list = prompts.images_of(example)
+  if len(image_list) > max_images:
+    raise ValueError(f"Example has {len(image_list)} images but max_images={max_images}.")
+  images = np.zeros((max_images, image_size, image_size, num_channels), np.float32)
+  for n, image in enumerate(image_list):
+    images[n] = preprocess_image(image, image_size=image_size, num_channels=num_channels)
+  return {
+      "images": images, "image_mask": np.arange(max_images) < len(image_list),
+      "inputs": inputs, "targets": targets, "weights": weights,
+      "segment_ids": (positions < text_length).astype(np.int32),
+      "prompt_length": np.int32(len(prompt)), "text_length": np.int32(text_length),
+      "task": np.int32(digits.TASKS.index(prompts.as_text(example["task"]))),
+  }
+
+
+def _check_tasks(tasks: Sequence[str] | None) -> tuple[str, ...]:
+  tasks = tuple(digits.TASKS if tasks is None else tasks)
+  bad = [t for t in tasks if t not in digits.TASKS]
+  if bad or not tasks:
+    raise ValueError(f"tasks={list(tasks)} must be a non-empty subset of {list(digits.TASKS)}.")
+  return tasks
+
+
+def _examples(source, *, tasks, seed, shuffle, num_epochs, process_index,
+              process_count) -> grain.MapDataset:
+  """This process's examples of `tasks` (filtered lazily: dropped ones read as None)."""
+  if not 0 <= process_index < process_count:
+    raise ValueError(f"process_index={process_index} must be in [0, process_count="
+                     f"{process_count}).")
+  examples = grain.MapDataset.source(source)[process_index::process_count]
+  if shuffle:
+    examples = examples.shuffle(seed)
+  examples = examples.repeat(num_epochs)
+  if tuple(tasks) != digits.TASKS:
+    examples = examples.filter(functools.partial(_has_task, tasks=tasks))
+  return examples
+
+
+def _has_task(example: dict, tasks: tuple[str, ...]) -> bool:
+  return prompts.as_text(example["task"]) in tasks
+
+
+def vl_dataset(source, tokenizer: tokenizers.Tokenizer, *, seq_len: int, batch_size: int,
+               seed: int, shuffle: bool = True, num_epochs: int | None = None,
+               tasks: Sequence[str] | None = None, max_images: int = 2, image_size: int = 8,
+               num_channels: int = 1, process_index: int = 0, process_count: int = 1,
+               worker_count: int = 0, prepare: Prepare | None = None) -> grain.IterDataset:
+  """Training batches of vision-language rows for one process (see the module docstring).
+
+  Args:
+    source: random-access `digits_vl` examples (`datasets.data_source('digits_vl', ...)`).
+    tokenizer: a `tokenizers.Tokenizer` (e.g. `get_vl_tokenizer(...)`).
+    seq_len: L, text positions per row.
+    batch_size: B, this process's batch size.
+    seed: shuffling seed (a new order every epoch) and the seed of `prepare`.
+    shuffle: False reads examples in order.
+    num_epochs: passes over the examples; None repeats forever.
+    tasks: keep only these tasks (default: all of digits.TASKS).
+    max_images, image_size, num_channels: N, S, C of `images`.
+    process_index, process_count: this process takes examples process_index::process_count.
+    worker_count: grain worker processes (0: in this process).
+    prepare: an objective's `prepare(row, rng) -> row` on each row before batching, with a
+      generator seeded from `seed` and the row's position; outputs must have static shapes.
+
+  Returns:
+    A grain IterDataset of dicts of numpy arrays, shapes `feature_shapes(...)` with B first.
+  """
+  if batch_size < 1:
+    raise ValueError(f"batch_size={batch_size} must be >= 1.")
+  examples = _examples(source, tasks=_check_tasks(tasks), seed=seed, shuffle=shuffle,
+                       num_epochs=num_epochs, process_index=process_index,
+                       process_count=process_count)
+  rows = examples.to_iter_dataset().map(functools.partial(
+      encode_example, tokenizer=tokenizer, seq_len=seq_len, max_images=max_images,
+      image_size=image_size, num_channels=num_channels))
+  if prepare is not None:
+    rows = rows.random_map(prepare, seed=seed)
+  batches = rows.batch(batch_size, drop_remainder=True)
+  if worker_count:
+    batches = batches.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
+  return batches
+
+
+def vl_eval_batches(source, tokenizer: tokenizers.Tokenizer, *, seq_len: int,
+                    batch_size: int, tasks: Sequence[str] | None = None,
+                    max_images: int = 2, image_size: int = 8, num_channels: int = 1,
+                    process_index: int = 0, process_count: int = 1,
+                    num_batches: int | None = None) -> Iterator[dict[str, np.ndarray]]:
+  """One unshuffled pass for evaluation; the last batch is padded with empty rows.
+
+  Empty rows are all zeros (weights 0, image_mask False). With several processes, pass the
+  same `num_batches` to all (at least ceil(max examples per process / B)); processes that
+  run out yield empty batches.
+  """
+  examples = _examples(source, tasks=_check_tasks(tasks), seed=0, shuffle=False,
+                       num_epochs=1, process_index=process_index,
+                       process_count=process_count)
+  encode = functools.partial(encode_example, tokenizer=tokenizer, seq_len=seq_len,
+                             max_images=max_images, image_size=image_size,
+                             num_channels=num_channels)
+  pad = functools.partial(grain.experimental.batch_and_pad, batch_size=batch_size)
+  shapes = feature_shapes(seq_len=seq_len, max_images=max_images, image_size=image_size,
+                          num_channels=num_channels)
+  count = 0
+  for batch in examples.to_iter_dataset().map(encode).batch(batch_size, batch_fn=pad):
+    if count == num_batches:
+      raise ValueError(f"num_batches={num_batches} is too small for process "
+                       f"{process_index}'s evaluation examples.")
+    count += 1
+    yield batch
+  for _ in range(count, num_batches or 0):
+    yield {k: np.zeros((batch_size,) + shapes[k], FEATURE_DTYPES[k]) for k in shapes}
+
+
+def template_examples() -> list[dict]:
+  """One example dict (task, question, answer; no images) per text the templates produce."""
+  examples = []
+  for label in range(10):
+    examples.append({"task": "caption", "question": "", "answer": digits.caption(label)})
+    examples.extend({"task": "vqa", "question": q, "answer": digits.vqa_answer(q, label)}
+                    for q in digits.VQA_QUESTIONS)
+  for statement in digits.NLVR2_STATEMENTS:
+    examples.extend({"task": "nlvr2", "question": statement, "answer": answer}
+                    for answer in ("true", "false"))
+  return examples
+
+
+def sentencepiece_texts() -> list[str]:
+  """Every prompt + target text the templates produce (the SentencePiece training text)."""
+  return [prompts.prompt_text(ex) + prompts.target_text(ex) for ex in template_examples()]
+
+
+def max_text_length(tokenizer: tokenizers.Tokenizer) -> int:
+  """Text positions of the longest template ([BOS] prompt answer): the least seq_len."""
+  return max(len(prompt_tokens(ex, tokenizer)) + len(tokenizer.encode(prompts.target_text(ex)))
+             for ex in template_examples())
+
+
+def get_vl_tokenizer(kind: str, *, data_dir: str | None = None,
+                     vocab_size: int = SENTENCEPIECE_VOCAB_SIZE) -> tokenizers.Tokenizer:
+  """'byte', or a SentencePiece model of the digits templates cached under data_dir.
+
+  The SentencePiece model is trained on `sentencepiece_texts()` (the templates are a closed
+  set, so no split leaks) and cached at
+  `{data_dir}/tokenizers/digits_vl_sp{vocab_size}.model`; vocab_size <= ~326.
+  """
+  if kind == "byte":
+    return tokenizers.ByteTokenizer()
+  if kind != "sentencepiece":
+    raise ValueError(f"Unknown tokenizer kind {kind!r}; kinds: "
+                     f"{list(tokenizers.TOKENIZER_KINDS)}.")
+  path = tokenizers.sentencepiece_model_path(data_dir or datasets.default_data_dir(), DATASET,
+                                             vocab_size)
+  if os.path.exists(path):
+    return tokenizers.SentencePieceTokenizer(path)
+  return tokenizers.train_sentencepiece(sentencepiece_texts(), path, vocab_size)
