@@ -106,3 +106,18 @@ def test_disk_full_while_saving_is_a_clear_error_and_keeps_the_last_checkpoint(
   assert checkpoint_lib.Checkpointer(workdir, keep=3).latest_step() == 2
   result = trainer.train_and_evaluate(config, workdir)  # space freed: resumes from step 2
   assert result["step"] == 6
+
+
+def test_image_larger_than_the_configured_size_is_a_clear_error():
+  from metalm_jax.data import vl_pipeline
+
+  with pytest.raises(ValueError, match=r"16x16 pixels is larger than image_size=8"):
+    vl_pipeline.preprocess_image(np.zeros((16, 16, 1), np.uint8), image_size=8)
+
+
+def test_objective_needing_special_tokens_checks_the_model_vocabulary(pydoc_data_dir, tmp_path):
+  from metalm_jax import config as config_lib
+
+  config = tiny_config(pydoc_data_dir, objective="masked_lm")  # model vocab 512 = tokenizer's
+  with pytest.raises(config_lib.ConfigError, match=r"masked_lm.*vocab_size >= 640"):
+    trainer.train_and_evaluate(config, str(tmp_path))

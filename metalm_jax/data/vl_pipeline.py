@@ -77,6 +77,10 @@ def preprocess_image(image: np.ndarray, *, image_size: int = 8,
   if image.ndim == 2:
     image = image[..., None]
   height, width = image.shape[:2]
+  if max(height, width) > image_size:
+    raise ValueError(f"image of {height}x{width} pixels is larger than image_size={image_size} "
+                     "(the config's maximum): raise the image size in the config, or resize the "
+                     "images when preparing the dataset.")
   if height != width or image_size % height:
     raise ValueError(f"image_size={image_size} must be a multiple of the square image's "
                      f"side (image shape {image.shape}); e.g. 8, 16, 32 for digits.")
