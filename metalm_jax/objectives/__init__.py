@@ -25,22 +25,27 @@ class Objective:
   name: str
   loss: LossFn
   prepare: PrepareFn | None = None
+  # True when prepare writes [MASK] / sentinel placeholders: the trainer then checks that
+  # config.model.vocab_size has room for them (objectives.special_tokens.check_vocab).
+  special_tokens: bool = False
 
 
 _REGISTRY: dict[str, Objective] = {}
 
 
 def register(name: str, *, loss: LossFn, prepare: PrepareFn | None = None,
-             overwrite: bool = False) -> Objective:
+             special_tokens: bool = False, overwrite: bool = False) -> Objective:
   """Registers an objective under `name` (set overwrite=True to redefine one in a notebook)."""
   if name in _REGISTRY and not overwrite:
     raise ValueError(f"objective {name!r} is already registered; pass overwrite=True to replace it")
-  objective = Objective(name=name, loss=loss, prepare=prepare)
+  objective = Objective(name=name, loss=loss, prepare=prepare, special_tokens=special_tokens)
   _REGISTRY[name] = objective
   return objective
 
 
 def get(name: str) -> Objective:
+  if ":" in name or "," in name:  # a weighted mix, e.g. "causal_lm:0.7,masked_lm:0.3"
+    return mixture.from_spec(name)
   if name not in _REGISTRY:
     raise ValueError(f"config.objective={name!r} is not registered; known objectives: "
                      f"{sorted(_REGISTRY)}. Register new ones with metalm_jax.objectives.register")
@@ -52,3 +57,6 @@ def names() -> list[str]:
 
 
 from metalm_jax.objectives import causal_lm  # noqa: E402,F401  (registers built-ins)
+from metalm_jax.objectives import (denoising, masked_lm, mixture, permutation_lm,  # noqa: E402,F401
+                                   prefix_lm, span_corruption)
+from metalm_jax.objectives import semi_causal_lm  # noqa: E402,F401
