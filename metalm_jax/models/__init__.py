@@ -9,8 +9,11 @@ import inspect
 from flax import nnx
 
 from metalm_jax.models.decoder import Decoder, DecoderBlock, flops_per_token, param_count
+from metalm_jax.models.hybrid import HybridDecoder
 
-MODELS = {'decoder': Decoder}
+MODELS = {'decoder': Decoder, 'hybrid': HybridDecoder}
+from metalm_jax.models.metalm import MetaLM  # noqa: E402
+MODELS['metalm'] = MetaLM
 
 
 def build_model(name: str, *, rngs: nnx.Rngs, **kwargs) -> nnx.Module:

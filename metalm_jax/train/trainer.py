@@ -18,6 +18,8 @@ import numpy as np
 from metalm_jax import config as config_lib
 from metalm_jax import objectives
 from metalm_jax import sharding
+from metalm_jax.models import freeze
+from metalm_jax.objectives import special_tokens
 from metalm_jax.data import datasets, pipeline, tokenizers
 from metalm_jax.inference import generate
 from metalm_jax.train import checkpoint as checkpoint_lib
@@ -36,7 +38,7 @@ class NonFiniteLossError(FloatingPointError):
 def _check_workdir(workdir: str) -> None:
   try:
     os.makedirs(workdir, exist_ok=True)
-    probe = os.path.join(workdir, ".write_probe")
+    probe = os.path.join(workdir, f".write_probe_{jax.process_index()}")
     with open(probe, "w") as f:
       f.write("ok")
     os.remove(probe)
@@ -80,12 +82,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   train_source = datasets.data_source(config.data.dataset, "train", data_dir)
   eval_source = datasets.data_source(config.data.dataset, "validation", data_dir)
   tokenizer = load_tokenizer(config.data)
-  vocab_size = dict(config.model).get("vocab_size")
+  model_kwargs = dict(config.model)
+  vocab_size = model_kwargs.get("vocab_size") or dict(model_kwargs.get("decoder") or {}).get(
+      "vocab_size")
   if vocab_size is not None and vocab_size < tokenizer.vocab_size:
     raise config_lib.ConfigError(
         f"config.model.vocab_size={vocab_size} is smaller than the tokenizer's vocabulary "
         f"({tokenizer.vocab_size}, config.data.tokenizer={config.data.tokenizer!r}); raise it")
   objective = objectives.get(config.objective)
+  if objective.special_tokens and vocab_size is not None:
+    try:
+      special_tokens.check_vocab(vocab_size, tokenizer.vocab_size)
+    except ValueError as e:
+      raise config_lib.ConfigError(f"config.objective={config.objective!r}: {e}") from e
   local_batch = config.batch_size // jax.process_count()
   train_ds = pipeline.lm_dataset(
       train_source, tokenizer, seq_len=config.data.seq_len, batch_size=local_batch,
@@ -98,6 +107,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   # ---------------------------------------------------------------- model and optimizer
   model = state_lib.Model(config.model)
   tx = state_lib.make_optimizer(config.optimizer, config.num_train_steps)
+  trainable_layers = model_kwargs.get("trainable_encoder_layers", -1)
+  if trainable_layers is not None and trainable_layers >= 0:  # a docked, mostly frozen encoder
+    tx = freeze.freeze(tx, freeze.trainable_mask(model.abstract_params,
+                                                 trainable_layers=trainable_layers))
   schedule = state_lib.learning_rate_schedule(config.optimizer, config.num_train_steps)
   logger.info("model %s: %s parameters", config.model.name, f"{model.param_count():,}")
 

@@ -1,0 +1,99 @@
+r"""Hybrid Transformer-Mamba LM (Jamba's 1:7 schedule) or its pure-attention twin, on pydoc_topics.
+
+  python experiments/prepare_data.py --dataset=pydoc_topics          # once (make demo does it)
+  python experiments/train.py --config=configs/hybrid_lm.py --workdir=workdirs/hybrid_tiny
+  python experiments/train.py --config=configs/hybrid_lm.py:arch=attention --workdir=workdirs/attn_tiny
+  python experiments/train.py --config=configs/hybrid_lm.py:schedule=MMMAMMMM --workdir=...
+  python experiments/long_context.py          # trains both at length L, evaluates at 2L..16L
+
+Arguments (comma-separated `key=value`):
+  size      tiny (default: CPU, minutes) | small | test (smallest, for the test suite)
+  arch      hybrid (default) | attention: every layer attention, RoPE, and a wider MLP so the
+            parameter count equals the hybrid's (within one MLP column per layer)
+  schedule  jamba (default: attention at layer i iff i % attn_period == attn_offset) or an
+            explicit string of 'A' / 'M', one per layer (arch=hybrid only)
+  runlocal  1 = shrink steps/batches for a smoke run on a laptop.
+"""
+import ml_collections
+
+from metalm_jax import config as config_lib
+
+SIZES = {
+    "test": dict(d_model=32, num_layers=4, num_heads=4, num_kv_heads=2, d_ff=64, d_state=8,
+                 attn_period=4, attn_offset=2, dropout=0.0, seq_len=32, batch=8, steps=6,
+                 lr=3e-3, vocab=512),
+    "tiny": dict(d_model=128, num_layers=8, num_heads=4, num_kv_heads=4, d_ff=384, d_state=16,
+                 attn_period=8, attn_offset=4, dropout=0.1, seq_len=128, batch=16, steps=300,
+                 lr=3e-3, vocab=1024),
+    "small": dict(d_model=512, num_layers=16, num_heads=8, num_kv_heads=8, d_ff=1536,
+                  d_state=16, attn_period=8, attn_offset=4, dropout=0.1, seq_len=512, batch=32,
+                  steps=20_000, lr=1e-3, vocab=8192),
+}
+ARCHS = ("hybrid", "attention")
+
+
+def parse_args(arg: str | None, **defaults) -> dict:
+  """'size=small,arch=attention' -> dict; unknown keys are errors."""
+  out = dict(defaults)
+  for item in filter(None, (arg or "").split(",")):
+    if "=" not in item:
+      raise ValueError(f"config argument {item!r} must look like key=value")
+    key, value = item.split("=", 1)
+    if key not in defaults:
+      raise ValueError(f"unknown config argument {key!r}; valid: {sorted(defaults)}")
+    out[key] = value
+  return out
+
+
+def attention_twin_d_ff(s: dict, schedule: str) -> int:
+  """d_ff of the all-attention model whose parameter count equals the hybrid's."""
+  from metalm_jax.models.hybrid import mamba_layer_extra_params
+
+  extra = schedule.count("M") * mamba_layer_extra_params(
+      s["d_model"], s["num_heads"], num_kv_heads=s["num_kv_heads"], d_state=s["d_state"])
+  return s["d_ff"] + round(extra / (s["num_layers"] * 3 * s["d_model"]))  # SwiGLU: 3 D x F
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  args = parse_args(arg, size="tiny", arch="hybrid", schedule="jamba", runlocal="0")
+  if args["size"] not in SIZES:
+    raise ValueError(f"size={args['size']!r}; valid sizes: {sorted(SIZES)}")
+  if args["arch"] not in ARCHS:
+    raise ValueError(f"arch={args['arch']!r}; valid: {ARCHS}")
+  s = SIZES[args["size"]]
+  from metalm_jax.models.hybrid import resolve_schedule
+
+  hybrid_schedule = resolve_schedule(s["num_layers"], args["schedule"],
+                                     attn_period=s["attn_period"], attn_offset=s["attn_offset"])
+  hybrid = args["arch"] == "hybrid"
+  config = config_lib.base_config()
+  config.model = ml_collections.ConfigDict(dict(
+      name="hybrid", vocab_size=s["vocab"], d_model=s["d_model"], num_layers=s["num_layers"],
+      num_heads=s["num_heads"], num_kv_heads=s["num_kv_heads"],
+      d_ff=s["d_ff"] if hybrid else attention_twin_d_ff(s, hybrid_schedule),
+      schedule=hybrid_schedule if hybrid else "attention",
+      attn_period=s["attn_period"], attn_offset=s["attn_offset"],
+      d_state=s["d_state"], d_conv=4, expand=2, scan_method="auto",
+      mlp_activation="swiglu", position="none" if hybrid else "rope",
+      max_len=max(2048, s["seq_len"]), dropout_rate=s["dropout"], tie_embeddings=False,
+      norm="rmsnorm", attention_impl="reference", blockwise_threshold=2048, block_size=512,
+      dtype="float32", param_dtype="float32"))
+  config.data.vocab_size = s["vocab"]
+  config.data.seq_len = s["seq_len"]
+  config.batch_size = s["batch"]
+  config.num_train_steps = s["steps"]
+  config.optimizer.learning_rate = s["lr"]
+  config.optimizer.warmup_steps = max(1, s["steps"] // 20)
+  config.eval_every_steps = max(1, s["steps"] // 6)
+  config.checkpoint_every_steps = max(1, s["steps"] // 6)
+  config.log_every_steps = max(1, min(20, s["steps"] // 10))
+  if args["size"] == "test":
+    config.eval_batches = 2
+    config.sample.max_new_tokens = 8
+    config.progress_bar = False
+  if args["runlocal"] == "1":
+    config.num_train_steps = 20
+    config.eval_every_steps = config.checkpoint_every_steps = 10
+    config.log_every_steps = 5
+    config.eval_batches = 2
+  return config_lib.finalize(config)

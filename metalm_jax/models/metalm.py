@@ -1,0 +1,316 @@
+"""METALM (Hao et al. 2022): a causal decoder as the interface, bidirectional encoders docked.
+
+Axis letters: B batch, L decoder length, M spans per row, C span capacity (max_span_len),
+N = B * M encoded spans, D decoder width, E encoder width, H/W/K image height/width/channels.
+
+Three modes (`mode=`), all trained by the `semi_causal_lm` objective on the same batches:
+
+  'dual'    The paper's semi-causal LM. Every span m of a row (positions
+            starts[m] .. starts[m] + lengths[m] - 1, from `masking.sample_spans`) is gathered to
+            [N, C], encoded on its own as `[BOS] + span` by the bidirectional TextEncoder,
+            mapped by the Connector to D, and SCATTERED over the decoder's token embeddings at
+            the span positions (the BOS output is dropped; output j -> position start + j).
+            The decoder then runs causally; positions are added after the replacement.
+  'single'  One stack, no encoder: the decoder runs with `masking.semi_causal_mask(span_ids)`,
+            so a span token sees its whole span and everything before it.
+  'causal'  The baseline: a plain causal decoder; spans are ignored.
+
+Vision-language (mode 'dual' with a vision_encoder and `images` [B, M, H, W, K]): span m
+starts with the ViT tokens of image m (T = vision_encoder.num_tokens() placeholder
+positions in the decoder row, whatever their token ids) followed by a text prefix, and the
+encoder sees `[BOS] + image tokens + prefix` jointly; the decoder predicts the rest. Several
+image spans per row give interleaved (image, text, image, text) in-context sequences.
+
+Everything is static-shaped: M and C come from the batch / config, never from the data,
+so one compilation serves a run. Generation: `embed_inputs` builds the prefill embeddings,
+and `init_cache` / `decode` are the decoder's, so `inference.generate` works unchanged
+(plain causal prompts) and a harness can prefill `decode(None, cache, embeddings=...)`.
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from metalm_jax.masking import semi_causal_mask
+from metalm_jax.models.connector import Connector
+from metalm_jax.models.decoder import Decoder
+from metalm_jax.models.text_encoder import TextEncoder
+from metalm_jax.models.vision_encoder import VisionEncoder
+
+MODES = ('dual', 'single', 'causal')
+DropoutRngs = nnx.Rngs | jax.Array | None
+
+
+def _build(cls, kwargs: Mapping, where: str, **extra):
+  """cls(**kwargs, **extra); unknown keys are errors naming config.model.<where>.<key>."""
+  import inspect
+  accepted = [p for p in inspect.signature(cls.__init__).parameters if p not in ('self',)]
+  unknown = sorted(set(kwargs) - set(accepted))
+  if unknown:
+    raise ValueError(f'unknown key(s) {unknown} in config.model.{where} for {cls.__name__}; '
+                     f'valid keys: {sorted(set(accepted) - set(extra) - {"rngs"})}.')
+  return cls(**{**dict(kwargs), **extra})
+
+
+def span_ids_from_starts(starts: jax.Array, lengths: jax.Array, length: int) -> jax.Array:
+  """jnp twin of masking.span_ids_from_spans: [B, M] x2 -> int32 [B, L] (0 = causal)."""
+  pos = jnp.arange(length)[None, None, :]
+  inside = (pos >= starts[..., None]) & (pos < (starts + lengths)[..., None])  # [B, M, L]
+  ids = jnp.arange(1, starts.shape[1] + 1, dtype=jnp.int32)[None, :, None]
+  return jnp.max(jnp.where(inside, ids, 0), axis=1).astype(jnp.int32)
+
+
+def _split_rngs(rngs: DropoutRngs, n: int) -> list:
+  if isinstance(rngs, jax.Array):
+    return [jax.random.fold_in(rngs, i) for i in range(n)]
+  return [rngs] * n
+
+
+class MetaLM(nnx.Module):
+  """Causal decoder + (optional) bidirectional text / vision encoders + connector.
+
+  Args (the `config.model` keys; nested dicts are the sub-modules' kwargs):
+    decoder: models.Decoder kwargs (vocab_size, d_model, num_layers, ...).
+    text_encoder: models.TextEncoder kwargs ('dual' only); vocab_size defaults to the
+      decoder's (the encoder reads the decoder's token ids), max_len to max_span_len + 1.
+    vision_encoder: models.VisionEncoder kwargs, for vision-language ('dual' only).
+    connector: models.Connector kwargs without d_in / d_out, e.g. {'kind': 'mlp',
+      'num_layers': 2}; default linear.
+    mode: 'dual' | 'single' | 'causal' (see the module docstring).
+    max_span_len: C, the static span capacity; spans longer than C are an error upstream
+      (the objective samples at most C tokens; vision spans hold T image tokens + prefix).
+    bos_id, pad_id: the encoder's `[BOS]` and padding ids.
+    trainable_encoder_layers: k >= 0 trains only the text encoder's last k layers (the
+      paper: 2, for a docked pretrained encoder); -1 trains everything. Stored for the
+      trainer, which applies `models.freeze.trainable_mask(params, trainable_layers=k)`.
+  """
+
+  def __init__(self, *, decoder: Mapping, text_encoder: Mapping | None = None,
+               vision_encoder: Mapping | None = None, connector: Mapping | None = None,
+               mode: str = 'dual', max_span_len: int = 8, bos_id: int = 1, pad_id: int = 0,
+               trainable_encoder_layers: int = -1, dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
+    if mode not in MODES:
+      raise ValueError(f'config.model.mode={mode!r} is not one of {MODES}.')
+    if max_span_len < 1:
+      raise ValueError(f'config.model.max_span_len={max_span_len} must be >= 1.')
+    if mode != 'dual' and (text_encoder or vision_encoder):
+      raise ValueError(f"config.model.mode={mode!r} uses no encoder; remove "
+                       "config.model.text_encoder / vision_encoder (or use mode='dual').")
+    if mode == 'dual' and not text_encoder:
+      raise ValueError("config.model.mode='dual' needs config.model.text_encoder (TextEncoder "
+                       "kwargs, e.g. {'d_model': 64, 'num_layers': 2, 'num_heads': 4, "
+                       "'d_ff': 128}).")
+    kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.mode, self.max_span_len, self.bos_id, self.pad_id = mode, max_span_len, bos_id, pad_id
+    self.trainable_encoder_layers = trainable_encoder_layers
+    self.decoder = _build(Decoder, decoder, 'decoder', **kw)
+    text, vision, projection, connect = self._build_encoders(
+        text_encoder, vision_encoder, connector, **kw) if mode == 'dual' else (None,) * 4
+    self.text_encoder, self.vision_encoder = text, vision
+    self.vision_projection, self.connector = projection, connect
+
+  def _build_encoders(self, text_encoder, vision_encoder, connector, *, dtype, param_dtype,
+                      rngs):
+    kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    max_span_len = self.max_span_len
+    enc = dict(text_encoder)
+    enc.setdefault('vocab_size', self.decoder.vocab_size)
+    enc.setdefault('max_len', max_span_len + 1)
+    enc.setdefault('pad_id', self.pad_id)
+    text = _build(TextEncoder, enc, 'text_encoder', **kw)
+    if text.max_len < max_span_len + 1:
+      raise ValueError(f'config.model.text_encoder.max_len={text.max_len} cannot '
+                       f'hold [BOS] + max_span_len={max_span_len} tokens; raise it to '
+                       f'>= {max_span_len + 1}.')
+    d_enc = text.d_model
+    vision = projection = None
+    if vision_encoder:
+      vision = _build(VisionEncoder, vision_encoder, 'vision_encoder', **kw)
+      if vision.num_tokens() > max_span_len:
+        raise ValueError(f'an image gives {vision.num_tokens()} tokens but '
+                         f'config.model.max_span_len={max_span_len}; raise max_span_len to hold '
+                         'the image tokens plus the text prefix.')
+      if vision.d_model != d_enc:
+        projection = nnx.Einsum(
+            'NTV,VE->NTE', (vision.d_model, d_enc), (d_enc,),
+            kernel_init=nnx.with_partitioning(nnx.initializers.lecun_normal(),
+                                              ('vision_embed', 'encoder_embed')),
+            bias_init=nnx.with_partitioning(nnx.initializers.zeros_init(), ('encoder_embed',)),
+            **kw)
+    connect = _build(Connector, dict(connector or {'kind': 'linear'}), 'connector',
+                     d_in=d_enc, d_out=self.decoder.d_model, **kw)
+    if connect.num_outputs(max_span_len) < max_span_len:
+      raise ValueError(f'the resampler connector has num_latents={connect.num_latents} '
+                       f'< max_span_len={max_span_len}; every span position needs an output, '
+                       'raise config.model.connector.num_latents.')
+    return text, vision, projection, connect
+
+  # ------------------------------------------------------------------ encoding spans
+  def encode_spans(self, tokens: jax.Array, span_starts: jax.Array, span_lengths: jax.Array,
+                   images: jax.Array | None = None, *, deterministic: bool = True,
+                   rngs: DropoutRngs = None) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Gathers, encodes and connects every span.
+
+    Args:
+      tokens: int [B, L] decoder tokens.
+      span_starts, span_lengths: int [B, M]; length 0 = unused slot.
+      images: float [B, M, H, W, K] or None; image m fills span m's first T positions.
+
+    Returns:
+      (connected [B, M, C, D], span positions int [B, M, C], valid bool [B, M, C]).
+    """
+    batch, length = tokens.shape
+    num_spans, cap = span_starts.shape[1], self.max_span_len
+    offsets = jnp.arange(cap)
+    valid = offsets < span_lengths[..., None]  # [B, M, C]
+    index = span_starts[..., None] + offsets  # [B, M, C]
+    gathered = jnp.take_along_axis(tokens, jnp.clip(index, 0, length - 1).reshape(batch, -1),
+                                   axis=1).reshape(batch, num_spans, cap)
+    span_tokens = jnp.where(valid, gathered, self.pad_id)
+    bos = jnp.full((batch, num_spans, 1), self.bos_id, tokens.dtype)
+    n = batch * num_spans
+    enc_tokens = jnp.concatenate([bos, span_tokens], axis=-1).reshape(n, cap + 1)
+    enc_valid = jnp.concatenate([jnp.ones_like(bos, bool), valid], axis=-1).reshape(n, cap + 1)
+    enc_rngs, vis_rngs = _split_rngs(rngs, 2)
+    x = self.text_encoder.embed_tokens(enc_tokens)  # [N, C + 1, E]
+    if images is not None:
+      if self.vision_encoder is None:
+        raise ValueError('images were given but the model has no vision_encoder; add '
+                         'config.model.vision_encoder.')
+      pixels = images.reshape((n,) + images.shape[2:])
+      image_tokens = self.vision_encoder(pixels, deterministic=deterministic, rngs=vis_rngs)
+      if self.vision_projection is not None:
+        image_tokens = self.vision_projection(image_tokens)
+      num_image_tokens = image_tokens.shape[1]
+      if num_image_tokens > cap:
+        raise ValueError(f'images of shape {images.shape[2:]} give {num_image_tokens} tokens, '
+                         f'more than max_span_len={cap}.')
+      x = x.at[:, 1:1 + num_image_tokens].set(image_tokens.astype(x.dtype))
+    hidden, _ = self.text_encoder.encode(x, valid=enc_valid, deterministic=deterministic,
+                                         rngs=enc_rngs)
+    hidden = hidden[:, 1:]  # drop [BOS]: row j is span position j
+    connected = self.connector(hidden, valid=enc_valid[:, 1:])[:, :cap]
+    connected = connected.reshape(batch, num_spans, cap, -1)
+    return connected, index, valid
+
+  def embed_inputs(self, tokens: jax.Array, span_starts: jax.Array | None = None,
+                   span_lengths: jax.Array | None = None, images: jax.Array | None = None, *,
+                   deterministic: bool = True, rngs: DropoutRngs = None) -> jax.Array:
+    """Decoder input embeddings [B, L, D] with span rows replaced by connected encodings
+    ('dual'; other modes and span-less calls return plain token embeddings)."""
+    embeddings = self.decoder.embed(tokens)
+    if self.mode != 'dual' or span_starts is None:
+      if images is not None:
+        raise ValueError(f"images need mode='dual' with spans (mode={self.mode!r}).")
+      return embeddings
+    connected, index, valid = self.encode_spans(tokens, span_starts, span_lengths, images,
+                                                deterministic=deterministic, rngs=rngs)
+    length = tokens.shape[1]
+    rows = jnp.arange(tokens.shape[0])[:, None, None]
+    target = jnp.where(valid, index, length)  # out of range -> dropped
+    return embeddings.at[rows, target].set(connected.astype(embeddings.dtype), mode='drop')
+
+  def vl_layout(self, batch: Mapping[str, jax.Array], prefix_lengths: jax.Array) -> dict:
+    """Image-first rows (`data.vl_pipeline`) -> this model's span layout, all in jnp.
+
+    The decoder row becomes N image slots of T = vision_encoder.num_tokens() positions, then
+    the L text positions. A row's k real images (image_mask, real ones first) take the LAST
+    k slots, so the last one touches the text; the empty slots are padding (segment 0).
+    Image n's span covers its slot; the last real image's span also covers the first
+    `prefix_lengths[b]` text tokens, which the encoder then sees with the images.
+
+    Args:
+      batch: images [B, N, H, W, K], image_mask bool [B, N], inputs / targets / weights /
+        segment_ids [B, L].
+      prefix_lengths: int [B], text tokens given to the encoder (0 = images only), capped
+        at max_span_len - T (the rest of the text stays causal).
+
+    Returns:
+      dict of inputs, targets, weights, segment_ids, positions [B, N*T + L],
+      span_starts / span_lengths [B, N], span_ids [B, N*T + L], images [B, N, H, W, K]
+      (moved to their slots).
+    """
+    if self.vision_encoder is None:
+      raise ValueError("vision-language batches need mode='dual' and "
+                       'config.model.vision_encoder.')
+    images, image_mask = batch['images'], batch['image_mask'].astype(bool)
+    batch_size, num_slots = image_mask.shape
+    num_tokens = self.vision_encoder.num_tokens(tuple(images.shape[2:4]))
+    count = image_mask.sum(-1).astype(jnp.int32)  # [B]
+    first = num_slots - count  # first real slot
+    slot = jnp.arange(num_slots)[None, :]
+    real = slot >= first[:, None]  # [B, N]
+    source = jnp.clip(slot - first[:, None], 0, num_slots - 1)
+    images = jnp.take_along_axis(images, source[:, :, None, None, None], axis=1)
+    images = jnp.where(real[:, :, None, None, None], images, 0.0)
+    starts = jnp.broadcast_to(slot * num_tokens, (batch_size, num_slots)).astype(jnp.int32)
+    lengths = jnp.where(real, num_tokens, 0)
+    prefix = jnp.clip(prefix_lengths, 0, self.max_span_len - num_tokens)
+    lengths = lengths.at[:, -1].add(jnp.where(count > 0, prefix, 0)).astype(jnp.int32)
+    image_len = num_slots * num_tokens
+    image_seg = jnp.repeat(real.astype(jnp.int32), num_tokens, axis=1)  # [B, N*T]
+    zeros = jnp.zeros((batch_size, image_len), jnp.int32)
+    text_seg = (batch['segment_ids'] > 0).astype(jnp.int32)
+    segment_ids = jnp.concatenate([image_seg, text_seg], axis=1)
+    positions = jnp.maximum(jnp.cumsum(segment_ids, axis=1) - 1, 0) * segment_ids
+    pad = jnp.full((batch_size, image_len), self.pad_id, batch['inputs'].dtype)
+    out = dict(
+        inputs=jnp.concatenate([pad, batch['inputs']], axis=1),
+        targets=jnp.concatenate([pad, batch['targets']], axis=1),
+        weights=jnp.concatenate([zeros.astype(jnp.float32), batch['weights']], axis=1),
+        segment_ids=segment_ids, positions=positions.astype(jnp.int32),
+        span_starts=starts, span_lengths=lengths, images=images)
+    out['span_ids'] = span_ids_from_starts(starts, lengths, image_len + batch['inputs'].shape[1])
+    return out
+
+  # ------------------------------------------------------------------ forward
+  def __call__(self, tokens: jax.Array, *, positions: jax.Array | None = None,
+               segment_ids: jax.Array | None = None, span_ids: jax.Array | None = None,
+               span_starts: jax.Array | None = None, span_lengths: jax.Array | None = None,
+               images: jax.Array | None = None, deterministic: bool = True,
+               rngs: DropoutRngs = None) -> tuple[jax.Array, dict]:
+    """Semi-causal forward.
+
+    Args:
+      tokens: int [B, L].
+      positions, segment_ids: int [B, L] as for the Decoder (packed rows).
+      span_ids: int [B, L] (0 = causal, m + 1 = span m): used by 'single' (derived from
+        starts / lengths when None).
+      span_starts, span_lengths: int [B, M]: used by 'dual'.
+      images: float [B, M, H, W, K] for vision-language spans ('dual').
+      deterministic / rngs: dropout.
+
+    Returns:
+      (logits [B, L, V] float32, {'hidden': [B, L, D]}).
+    """
+    dec_kw = dict(positions=positions, segment_ids=segment_ids, deterministic=deterministic)
+    if self.mode == 'causal':
+      return self.decoder(tokens, rngs=rngs, **dec_kw)
+    if self.mode == 'single':
+      if images is not None:
+        raise ValueError("mode='single' has no vision encoder; use mode='dual' for images.")
+      if span_ids is None:
+        if span_starts is None:
+          raise ValueError("mode='single' needs span_ids= (or span_starts= / span_lengths=).")
+        span_ids = span_ids_from_starts(span_starts, span_lengths, tokens.shape[1])
+      return self.decoder(tokens, attention_mask=semi_causal_mask(span_ids), rngs=rngs,
+                          **dec_kw)
+    if span_starts is None or span_lengths is None:
+      raise ValueError("mode='dual' needs span_starts= and span_lengths= (int [B, M]; the "
+                       'semi_causal_lm objective adds them to every batch).')
+    enc_rngs, dec_rngs = _split_rngs(rngs, 2)
+    embeddings = self.embed_inputs(tokens, span_starts, span_lengths, images,
+                                   deterministic=deterministic, rngs=enc_rngs)
+    return self.decoder(embeddings=embeddings, rngs=dec_rngs, **dec_kw)
+
+  # ------------------------------------------------------------------ generation
+  def init_cache(self, batch_size: int, max_len: int, dtype=jnp.float32) -> dict:
+    return self.decoder.init_cache(batch_size, max_len, dtype)
+
+  def decode(self, tokens: jax.Array | None, cache: dict, **kwargs) -> tuple[jax.Array, dict]:
+    """The decoder's KV-cached step (see Decoder.decode); prefill spans via
+    `decode(None, cache, embeddings=self.embed_inputs(...))`."""
+    return self.decoder.decode(tokens, cache, **kwargs)
