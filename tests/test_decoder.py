@@ -207,3 +207,15 @@ def test_registry_param_count_and_flops(tokens):
     build_model('decoder', rngs=nnx.Rngs(0), n_layers=2, **BASE)
   assert flops_per_token(100, num_layers=2, num_heads=4, head_dim=4, seq_len=8) == (
       600 + 12 * 2 * 4 * 4 * 8)
+
+
+def test_blockwise_threshold_switches_the_decoder_without_changing_its_output():
+  """Past `blockwise_threshold` the decoder attends blockwise under a lazy mask: same logits."""
+  kw = dict(vocab_size=37, d_model=16, num_layers=2, num_heads=4, d_ff=32, max_len=64)
+  plain = Decoder(**kw, rngs=nnx.Rngs(0))
+  blockwise = Decoder(**kw, blockwise_threshold=8, block_size=4, rngs=nnx.Rngs(0))
+  tokens = jax.random.randint(jax.random.key(1), (2, 13), 0, 37)
+  segments = jnp.array([[1] * 6 + [2] * 7, [1] * 10 + [0] * 3])
+  want, _ = plain(tokens, segment_ids=segments)
+  got, _ = blockwise(tokens, segment_ids=segments)
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)

@@ -19,7 +19,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from metalm_jax.layers.attention import KVCache, MultiHeadAttention, RotaryFn
+from metalm_jax.layers.attention import (KVCache, MultiHeadAttention, RotaryFn,
+                                         causal_segment_mask_fn)
 from metalm_jax.layers.embeddings import Embed, LearnedPositions, rope, sinusoidal_positions
 from metalm_jax.layers.masks import causal_mask, combine_masks, segment_mask
 from metalm_jax.layers.mlp import Mlp
@@ -36,12 +37,14 @@ class DecoderBlock(nnx.Module):
                num_kv_heads: int | None = None, head_dim: int | None = None,
                mlp_activation: str = 'swiglu', norm: str = 'rmsnorm',
                dropout_rate: float = 0.0, attention_impl: str = 'reference',
+               blockwise_threshold: int | None = None, block_size: int = 512,
                dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
     kw = dict(dtype=dtype, param_dtype=param_dtype)
     self.attn_norm = make_norm(norm, d_model, **kw)
     self.attention = MultiHeadAttention(d_model, num_heads, num_kv_heads=num_kv_heads,
                                         head_dim=head_dim, implementation=attention_impl,
-                                        rngs=rngs, **kw)
+                                        blockwise_threshold=blockwise_threshold,
+                                        block_size=block_size, rngs=rngs, **kw)
     self.mlp_norm = make_norm(norm, d_model, **kw)
     self.mlp = Mlp(d_model, d_ff, activation=mlp_activation, rngs=rngs, **kw)
     self.dropout = nnx.Dropout(dropout_rate)
@@ -79,6 +82,7 @@ class Decoder(nnx.Module):
                mlp_activation: str = 'swiglu', position: str = 'rope', max_len: int = 2048,
                dropout_rate: float = 0.0, tie_embeddings: bool = False,
                norm: str = 'rmsnorm', attention_impl: str = 'reference',
+               blockwise_threshold: int | None = None, block_size: int = 512,
                dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
     if position not in POSITIONS:
       raise ValueError(f'position={position!r} is not one of {POSITIONS}.')
@@ -93,8 +97,10 @@ class Decoder(nnx.Module):
     self.blocks = nnx.List([
         DecoderBlock(d_model, num_heads, d_ff, num_kv_heads=num_kv_heads, head_dim=head_dim,
                      mlp_activation=mlp_activation, norm=norm, dropout_rate=dropout_rate,
-                     attention_impl=attention_impl, rngs=rngs, **kw)
+                     attention_impl=attention_impl, blockwise_threshold=blockwise_threshold,
+                     block_size=block_size, rngs=rngs, **kw)
         for _ in range(num_layers)])
+    self.blockwise_threshold = blockwise_threshold
     self.final_norm = make_norm(norm, d_model, **kw)
     self.head = None if tie_embeddings else nnx.Einsum(
         'BLD,DV->BLV', (d_model, vocab_size),
@@ -141,9 +147,13 @@ class Decoder(nnx.Module):
       rngs = nnx.Rngs(dropout=rngs)
     x = self.embed_dropout(self._add_positions(x, positions),
                            deterministic=deterministic, rngs=rngs)
-    mask = causal_mask(length) if attention_mask is None else attention_mask
-    if segment_ids is not None:
-      mask = combine_masks(mask, segment_mask(segment_ids))
+    if (attention_mask is None and self.blockwise_threshold is not None
+        and length > self.blockwise_threshold):
+      mask = causal_segment_mask_fn(segment_ids)  # lazy: no L x L array at all
+    else:
+      mask = causal_mask(length) if attention_mask is None else attention_mask
+      if segment_ids is not None:
+        mask = combine_masks(mask, segment_mask(segment_ids))
     for block in self.blocks:
       x = block(x, mask=mask, positions=positions, rotary=self._rotary,
                 deterministic=deterministic, rngs=rngs)

@@ -139,9 +139,8 @@ class HybridDecoder(nnx.Module):
         block = DecoderBlock(d_model, num_heads, d_ff, num_kv_heads=num_kv_heads,
                              head_dim=head_dim, mlp_activation=mlp_activation, norm=norm,
                              dropout_rate=dropout_rate, attention_impl=attention_impl,
+                             blockwise_threshold=blockwise_threshold, block_size=block_size,
                              rngs=rngs, **kw)
-        block.attention.blockwise_threshold = blockwise_threshold
-        block.attention.block_size = block_size
         layers.append(block)
       else:
         layers.append(MambaLayer(d_model, d_ff, d_state=d_state, d_conv=d_conv, expand=expand,
