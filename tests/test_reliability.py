@@ -121,3 +121,10 @@ def test_objective_needing_special_tokens_checks_the_model_vocabulary(pydoc_data
   config = tiny_config(pydoc_data_dir, objective="masked_lm")  # model vocab 512 = tokenizer's
   with pytest.raises(config_lib.ConfigError, match=r"masked_lm.*vocab_size >= 640"):
     trainer.train_and_evaluate(config, str(tmp_path))
+
+
+def test_wall_clock_deadline_checkpoints_and_stops_cleanly(pydoc_data_dir, tmp_path):
+  config = tiny_config(pydoc_data_dir, deadline_minutes=1e-6, eval_every_steps=100)
+  result = trainer.train_and_evaluate(config, str(tmp_path))
+  assert result["stopped"] == "deadline" and result["step"] == 1
+  assert checkpoint_lib.Checkpointer(str(tmp_path), keep=3).latest_step() == 1
