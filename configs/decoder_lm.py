@@ -27,21 +27,8 @@ SIZES = {
 }
 
 
-def parse_args(arg: str | None, **defaults) -> dict:
-  """'size=small,runlocal=1' -> {'size': 'small', 'runlocal': '1'}; unknown keys are errors."""
-  out = dict(defaults)
-  for item in filter(None, (arg or "").split(",")):
-    if "=" not in item:
-      raise ValueError(f"config argument {item!r} must look like key=value")
-    key, value = item.split("=", 1)
-    if key not in defaults:
-      raise ValueError(f"unknown config argument {key!r}; valid: {sorted(defaults)}")
-    out[key] = value
-  return out
-
-
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  args = parse_args(arg, size="tiny", runlocal="0")
+  args = config_lib.parse_config_args(arg, size="tiny", runlocal="0")
   if args["size"] not in SIZES:
     raise ValueError(f"size={args['size']!r}; valid sizes: {sorted(SIZES)}")
   s = SIZES[args["size"]]
@@ -53,21 +40,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       dropout_rate=s["dropout"], tie_embeddings=False, norm="rmsnorm", attention_impl="reference",
       dtype="float32", param_dtype="float32"))
   config.data.vocab_size = s["vocab"]
-  config.data.seq_len = s["seq_len"]
-  config.batch_size = s["batch"]
-  config.num_train_steps = s["steps"]
-  config.optimizer.learning_rate = s["lr"]
-  config.optimizer.warmup_steps = max(1, s["steps"] // 20)
-  config.eval_every_steps = max(1, s["steps"] // 6)
-  config.checkpoint_every_steps = max(1, s["steps"] // 6)
-  config.log_every_steps = max(1, min(20, s["steps"] // 10))
-  if args["size"] == "test":
-    config.eval_batches = 2
-    config.sample.max_new_tokens = 8
-    config.progress_bar = False
-  if args["runlocal"] == "1":
-    config.num_train_steps = 20
-    config.eval_every_steps = config.checkpoint_every_steps = 10
-    config.log_every_steps = 5
-    config.eval_batches = 2
+  config_lib.set_schedule(config, seq_len=s["seq_len"], batch=s["batch"], steps=s["steps"],
+                          lr=s["lr"], test=args["size"] == "test",
+                          runlocal=args["runlocal"] == "1")
   return config_lib.finalize(config)

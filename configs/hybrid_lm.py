@@ -32,19 +32,6 @@ SIZES = {
 ARCHS = ("hybrid", "attention")
 
 
-def parse_args(arg: str | None, **defaults) -> dict:
-  """'size=small,arch=attention' -> dict; unknown keys are errors."""
-  out = dict(defaults)
-  for item in filter(None, (arg or "").split(",")):
-    if "=" not in item:
-      raise ValueError(f"config argument {item!r} must look like key=value")
-    key, value = item.split("=", 1)
-    if key not in defaults:
-      raise ValueError(f"unknown config argument {key!r}; valid: {sorted(defaults)}")
-    out[key] = value
-  return out
-
-
 def attention_twin_d_ff(s: dict, schedule: str) -> int:
   """d_ff of the all-attention model whose parameter count equals the hybrid's."""
   from metalm_jax.models.hybrid import mamba_layer_extra_params
@@ -55,7 +42,7 @@ def attention_twin_d_ff(s: dict, schedule: str) -> int:
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  args = parse_args(arg, size="tiny", arch="hybrid", schedule="jamba", runlocal="0")
+  args = config_lib.parse_config_args(arg, size="tiny", arch="hybrid", schedule="jamba", runlocal="0")
   if args["size"] not in SIZES:
     raise ValueError(f"size={args['size']!r}; valid sizes: {sorted(SIZES)}")
   if args["arch"] not in ARCHS:
@@ -79,21 +66,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       norm="rmsnorm", attention_impl="reference", blockwise_threshold=2048, block_size=512,
       dtype="float32", param_dtype="float32"))
   config.data.vocab_size = s["vocab"]
-  config.data.seq_len = s["seq_len"]
-  config.batch_size = s["batch"]
-  config.num_train_steps = s["steps"]
-  config.optimizer.learning_rate = s["lr"]
-  config.optimizer.warmup_steps = max(1, s["steps"] // 20)
-  config.eval_every_steps = max(1, s["steps"] // 6)
-  config.checkpoint_every_steps = max(1, s["steps"] // 6)
-  config.log_every_steps = max(1, min(20, s["steps"] // 10))
-  if args["size"] == "test":
-    config.eval_batches = 2
-    config.sample.max_new_tokens = 8
-    config.progress_bar = False
-  if args["runlocal"] == "1":
-    config.num_train_steps = 20
-    config.eval_every_steps = config.checkpoint_every_steps = 10
-    config.log_every_steps = 5
-    config.eval_batches = 2
+  config_lib.set_schedule(config, seq_len=s["seq_len"], batch=s["batch"], steps=s["steps"],
+                          lr=s["lr"], test=args["size"] == "test",
+                          runlocal=args["runlocal"] == "1")
   return config_lib.finalize(config)

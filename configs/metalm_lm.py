@@ -50,19 +50,6 @@ CONNECTORS = {"linear": dict(kind="linear"), "mlp": dict(kind="mlp", num_layers=
               "resampler": dict(kind="resampler", num_layers=1, num_heads=4)}
 
 
-def parse_args(arg: str | None, **defaults) -> dict:
-  """'size=tiny,mode=causal' -> dict; unknown keys are errors."""
-  out = dict(defaults)
-  for item in filter(None, (arg or "").split(",")):
-    if "=" not in item:
-      raise ValueError(f"config argument {item!r} must look like key=value")
-    key, value = item.split("=", 1)
-    if key not in defaults:
-      raise ValueError(f"unknown config argument {key!r}; valid: {sorted(defaults)}")
-    out[key] = value
-  return out
-
-
 def model_config(size: str, mode: str = "dual", connector: str = "linear") -> dict:
   """The `config.model` dict of a METALM language model (also used by tests)."""
   for name, value, valid in (("size", size, SIZES), ("mode", mode, MODES),
@@ -90,7 +77,7 @@ def model_config(size: str, mode: str = "dual", connector: str = "linear") -> di
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  args = parse_args(arg, size="tiny", mode="dual", connector="linear", runlocal="0")
+  args = config_lib.parse_config_args(arg, size="tiny", mode="dual", connector="linear", runlocal="0")
   s = SIZES.get(args["size"])
   if s is None:
     raise ValueError(f"size={args['size']!r}; valid sizes: {sorted(SIZES)}")
@@ -99,21 +86,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       model_config(args["size"], args["mode"], args["connector"]))
   config.objective = "semi_causal_lm"
   config.data.vocab_size = min(s["vocab"], 8192)  # what the bundled corpus supports
-  config.data.seq_len = s["seq_len"]
-  config.batch_size = s["batch"]
-  config.num_train_steps = s["steps"]
-  config.optimizer.learning_rate = s["lr"]
-  config.optimizer.warmup_steps = max(1, s["steps"] // 20)
-  config.eval_every_steps = max(1, s["steps"] // 6)
-  config.checkpoint_every_steps = max(1, s["steps"] // 6)
-  config.log_every_steps = max(1, min(20, s["steps"] // 10))
-  if args["size"] == "test":
-    config.eval_batches = 2
-    config.sample.max_new_tokens = 8
-    config.progress_bar = False
-  if args["runlocal"] == "1":
-    config.num_train_steps = 20
-    config.eval_every_steps = config.checkpoint_every_steps = 10
-    config.log_every_steps = 5
-    config.eval_batches = 2
+  config_lib.set_schedule(config, seq_len=s["seq_len"], batch=s["batch"], steps=s["steps"],
+                          lr=s["lr"], test=args["size"] == "test",
+                          runlocal=args["runlocal"] == "1")
   return config_lib.finalize(config)

@@ -44,18 +44,6 @@ SIZES = {
 OBJECTIVES = ("semi_causal_vl", "causal_vl", "semi_causal_vl_finetune")
 
 
-def parse_args(arg: str | None, **defaults) -> dict:
-  out = dict(defaults)
-  for item in filter(None, (arg or "").split(",")):
-    if "=" not in item:
-      raise ValueError(f"config argument {item!r} must look like key=value")
-    key, value = item.split("=", 1)
-    if key not in defaults:
-      raise ValueError(f"unknown config argument {key!r}; valid: {sorted(defaults)}")
-    out[key] = value
-  return out
-
-
 def model_config(size: str) -> dict:
   """The `config.model` dict of a METALM vision-language model (also used by tests)."""
   if size not in SIZES:
@@ -77,7 +65,7 @@ def model_config(size: str) -> dict:
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  args = parse_args(arg, size="tiny", objective="semi_causal_vl", runlocal="0")
+  args = config_lib.parse_config_args(arg, size="tiny", objective="semi_causal_vl", runlocal="0")
   if args["objective"] not in OBJECTIVES:
     raise ValueError(f"objective={args['objective']!r}; valid: {OBJECTIVES}")
   s = SIZES.get(args["size"])

@@ -72,6 +72,46 @@ def base_config() -> ml_collections.ConfigDict:
   return c
 
 
+def parse_config_args(arg: str | None, **defaults: str) -> dict[str, str]:
+  """A config file's argument string: 'size=small,runlocal=1' -> {'size': 'small', ...}.
+
+  `defaults` lists every accepted key; an unknown key or a malformed item is an error.
+  """
+  out = dict(defaults)
+  for item in filter(None, (arg or "").split(",")):
+    if "=" not in item:
+      raise ValueError(f"config argument {item!r} must look like key=value")
+    key, value = item.split("=", 1)
+    if key not in defaults:
+      raise ValueError(f"unknown config argument {key!r}; valid: {sorted(defaults)}")
+    out[key] = value
+  return out
+
+
+def set_schedule(config: ml_collections.ConfigDict, *, seq_len: int, batch: int, steps: int,
+                 lr: float, test: bool = False, runlocal: bool = False) -> None:
+  """The usual LM training schedule of a size variant: 5% warmup, 6 evals and checkpoints
+  per run, ~10 log lines; `test` shrinks evaluation and output for the test suite, `runlocal`
+  makes a 20-step smoke run."""
+  config.data.seq_len = seq_len
+  config.batch_size = batch
+  config.num_train_steps = steps
+  config.optimizer.learning_rate = lr
+  config.optimizer.warmup_steps = max(1, steps // 20)
+  config.eval_every_steps = max(1, steps // 6)
+  config.checkpoint_every_steps = max(1, steps // 6)
+  config.log_every_steps = max(1, min(20, steps // 10))
+  if test:
+    config.eval_batches = 2
+    config.sample.max_new_tokens = 8
+    config.progress_bar = False
+  if runlocal:
+    config.num_train_steps = 20
+    config.eval_every_steps = config.checkpoint_every_steps = 10
+    config.log_every_steps = 5
+    config.eval_batches = 2
+
+
 def finalize(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """Validates, then locks: the last line of every `get_config`."""
   validate(config)
