@@ -68,7 +68,63 @@ class DecoderBlock(nnx.Module):
     return x + self.mlp(self.mlp_norm(x)), cache
 
 
-class Decoder(nnx.Module):
+class TokenLM:
+  """What the decoder families share: tokens or embeddings in, positions, masks, logits out.
+
+  Mixed into `Decoder` and `HybridDecoder`, which set `embedder`, `position`,
+  `position_table`, `head`, `d_model`, `dtype` and `blockwise_threshold`.
+  """
+
+  def embed(self, tokens: jax.Array) -> jax.Array:
+    """int tokens [B, L] -> token embeddings [B, L, D] (no positions).
+
+    The semi-causal insertion point: replace rows with encoder outputs, then pass the
+    result as `embeddings=` to `__call__` or `decode`.
+    """
+    return self.embedder(tokens)
+
+  @property
+  def rotary(self) -> RotaryFn | None:
+    """The rotary function applied to queries / keys in attention, if positions are RoPE."""
+    return rope if self.position == 'rope' else None
+
+  def add_positions(self, x: jax.Array, positions: jax.Array) -> jax.Array:
+    """Adds learned / sinusoidal positions to embeddings [B, L, D] (RoPE: unchanged)."""
+    if self.position == 'learned':
+      return x + self.position_table(positions)
+    if self.position == 'sinusoidal':
+      return x + sinusoidal_positions(positions, self.d_model).astype(x.dtype)
+    return x  # rope: inside attention; none: order comes from elsewhere (Mamba layers)
+
+  def logits(self, hidden: jax.Array) -> jax.Array:
+    """Final normed hidden states [B, L, D] -> float32 logits [B, L, V]."""
+    if self.head is None:
+      out = self.embedder.attend(hidden) / np.sqrt(self.d_model)
+    else:
+      out = self.head(hidden)
+    return out.astype(jnp.float32)
+
+  def _inputs(self, tokens, embeddings) -> jax.Array:
+    if (tokens is None) == (embeddings is None):
+      raise ValueError('Pass exactly one of tokens= or embeddings= '
+                       f'(got tokens={tokens is not None}, embeddings={embeddings is not None}).')
+    return self.embed(tokens) if embeddings is None else embeddings.astype(self.dtype)
+
+  def _blockwise(self, kv_len: int) -> bool:
+    return self.blockwise_threshold is not None and kv_len > self.blockwise_threshold
+
+  def _mask(self, length: int, segment_ids, attention_mask):
+    """Self-attention mask: causal (or `attention_mask`) AND same segment; past the
+    blockwise threshold a lazy mask function, so no L x L array is built at all."""
+    if attention_mask is None and self._blockwise(length):
+      return causal_segment_mask_fn(segment_ids)
+    mask = causal_mask(length) if attention_mask is None else attention_mask
+    if segment_ids is not None:
+      mask = combine_masks(mask, segment_mask(segment_ids))
+    return mask
+
+
+class Decoder(TokenLM, nnx.Module):
   """Decoder-only causal language model.
 
   Parameters: token table ('vocab', 'embed'); per block norms, attention and MLP; a final
@@ -108,14 +164,6 @@ class Decoder(nnx.Module):
         rngs=rngs, **kw)
     self.embed_dropout = nnx.Dropout(dropout_rate)
 
-  def embed(self, tokens: jax.Array) -> jax.Array:
-    """int tokens [B, L] -> token embeddings [B, L, D] (no positions).
-
-    The semi-causal insertion point: replace rows with encoder outputs, then pass the
-    result as `embeddings=` to `__call__` or `decode`.
-    """
-    return self.embedder(tokens)
-
   def __call__(self, tokens: jax.Array | None = None, *, embeddings: jax.Array | None = None,
                positions: jax.Array | None = None, segment_ids: jax.Array | None = None,
                attention_mask: jax.Array | None = None, deterministic: bool = True,
@@ -145,20 +193,14 @@ class Decoder(nnx.Module):
                        f'{self.dropout_rate} needs rngs= (a PRNG key or nnx.Rngs(dropout=...)).')
     if isinstance(rngs, jax.Array):
       rngs = nnx.Rngs(dropout=rngs)
-    x = self.embed_dropout(self._add_positions(x, positions),
+    x = self.embed_dropout(self.add_positions(x, positions),
                            deterministic=deterministic, rngs=rngs)
-    if (attention_mask is None and self.blockwise_threshold is not None
-        and length > self.blockwise_threshold):
-      mask = causal_segment_mask_fn(segment_ids)  # lazy: no L x L array at all
-    else:
-      mask = causal_mask(length) if attention_mask is None else attention_mask
-      if segment_ids is not None:
-        mask = combine_masks(mask, segment_mask(segment_ids))
+    mask = self._mask(length, segment_ids, attention_mask)
     for block in self.blocks:
-      x = block(x, mask=mask, positions=positions, rotary=self._rotary,
+      x = block(x, mask=mask, positions=positions, rotary=self.rotary,
                 deterministic=deterministic, rngs=rngs)
     hidden = self.final_norm(x)
-    return self._logits(hidden), {'hidden': hidden}
+    return self.logits(hidden), {'hidden': hidden}
 
   def init_cache(self, batch_size: int, max_len: int, dtype=jnp.float32) -> dict:
     """Empty cache {'index': int32 0, 'layers': [{'k', 'v'} [B, max_len, K, H]] per block}."""
@@ -192,41 +234,17 @@ class Decoder(nnx.Module):
     index = cache['index']
     if positions is None:
       positions = jnp.broadcast_to(index + jnp.arange(length), (batch, length))
-    x = self._add_positions(x, positions)
+    x = self.add_positions(x, positions)
     cache_len = cache['layers'][0]['k'].shape[1]
     mask = (causal_mask(length, kv_length=cache_len, offset=index)
             if attention_mask is None else attention_mask)
     new_layers = []
     for block, layer_cache in zip(self.blocks, cache['layers']):
       x, layer_cache = block.decode(x, layer_cache, index=index, mask=mask,
-                                    positions=positions, rotary=self._rotary)
+                                    positions=positions, rotary=self.rotary)
       new_layers.append(layer_cache)
-    logits = self._logits(self.final_norm(x))
+    logits = self.logits(self.final_norm(x))
     return logits, {'index': index + length, 'layers': new_layers}
-
-  @property
-  def _rotary(self) -> RotaryFn | None:
-    return rope if self.position == 'rope' else None
-
-  def _inputs(self, tokens, embeddings) -> jax.Array:
-    if (tokens is None) == (embeddings is None):
-      raise ValueError('Pass exactly one of tokens= or embeddings= '
-                       f'(got tokens={tokens is not None}, embeddings={embeddings is not None}).')
-    return self.embed(tokens) if embeddings is None else embeddings.astype(self.dtype)
-
-  def _add_positions(self, x: jax.Array, positions: jax.Array) -> jax.Array:
-    if self.position == 'learned':
-      return x + self.position_table(positions)
-    if self.position == 'sinusoidal':
-      return x + sinusoidal_positions(positions, self.d_model).astype(x.dtype)
-    return x  # rope is applied to q / k inside attention
-
-  def _logits(self, hidden: jax.Array) -> jax.Array:
-    if self.head is None:
-      logits = self.embedder.attend(hidden) / np.sqrt(self.d_model)
-    else:
-      logits = self.head(hidden)
-    return logits.astype(jnp.float32)
 
 
 def param_count(tree) -> int:

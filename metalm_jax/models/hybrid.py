@@ -25,15 +25,14 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
-from metalm_jax.layers.attention import RotaryFn, causal_segment_mask_fn
-from metalm_jax.layers.embeddings import Embed, LearnedPositions, rope, sinusoidal_positions
-from metalm_jax.layers.masks import causal_mask, combine_masks, segment_mask
+from metalm_jax.layers.attention import causal_segment_mask_fn
+from metalm_jax.layers.embeddings import Embed, LearnedPositions
+from metalm_jax.layers.masks import causal_mask
 from metalm_jax.layers.mlp import Mlp
 from metalm_jax.layers.norms import make_norm
-from metalm_jax.models.decoder import DecoderBlock, DropoutRngs
+from metalm_jax.models.decoder import DecoderBlock, DropoutRngs, TokenLM
 from metalm_jax.ssm.mamba import MambaBlock
 
 POSITIONS = ('none', 'rope', 'learned', 'sinusoidal')
@@ -103,7 +102,7 @@ class MambaLayer(nnx.Module):
     return x + self.mlp(self.mlp_norm(x)), cache
 
 
-class HybridDecoder(nnx.Module):
+class HybridDecoder(TokenLM, nnx.Module):
   """Decoder-only LM whose layers follow an 'A'/'M' schedule (see module docstring).
 
   Parameters: token table ('vocab', 'embed'); per layer norms, attention (A) or Mamba (M)
@@ -155,10 +154,6 @@ class HybridDecoder(nnx.Module):
         rngs=rngs, **kw)
     self.embed_dropout = nnx.Dropout(dropout_rate)
 
-  def embed(self, tokens: jax.Array) -> jax.Array:
-    """int tokens [B, L] -> token embeddings [B, L, D] (no positions)."""
-    return self.embedder(tokens)
-
   def __call__(self, tokens: jax.Array | None = None, *, embeddings: jax.Array | None = None,
                positions: jax.Array | None = None, segment_ids: jax.Array | None = None,
                attention_mask: jax.Array | None = None, deterministic: bool = True,
@@ -178,17 +173,17 @@ class HybridDecoder(nnx.Module):
                        f'{self.dropout_rate} needs rngs= (a PRNG key or nnx.Rngs(dropout=...)).')
     if isinstance(rngs, jax.Array):
       rngs = nnx.Rngs(dropout=rngs)
-    x = self.embed_dropout(self._add_positions(x, positions),
+    x = self.embed_dropout(self.add_positions(x, positions),
                            deterministic=deterministic, rngs=rngs)
     mask = self._mask(length, segment_ids, attention_mask) if 'A' in self.schedule else None
     for kind, layer in zip(self.schedule, self.layers):
       if kind == 'A':
-        x = layer(x, mask=mask, positions=positions, rotary=self._rotary,
+        x = layer(x, mask=mask, positions=positions, rotary=self.rotary,
                   deterministic=deterministic, rngs=rngs)
       else:
         x = layer(x, segment_ids=segment_ids, deterministic=deterministic, rngs=rngs)
     hidden = self.final_norm(x)
-    return self._logits(hidden), {'hidden': hidden}
+    return self.logits(hidden), {'hidden': hidden}
 
   def init_cache(self, batch_size: int, max_len: int, dtype=jnp.float32) -> dict:
     """{'index': int32 0, 'layers': [{'k', 'v'} [B, max_len, K, H] per A layer,
@@ -214,7 +209,7 @@ class HybridDecoder(nnx.Module):
     index = cache['index']
     if positions is None:
       positions = jnp.broadcast_to(index + jnp.arange(length), (batch, length))
-    x = self._add_positions(x, positions)
+    x = self.add_positions(x, positions)
     mask = attention_mask
     if mask is None and 'A' in self.schedule:
       cache_len = cache['layers'][self.schedule.index('A')]['k'].shape[1]
@@ -224,50 +219,14 @@ class HybridDecoder(nnx.Module):
     for kind, layer, layer_cache in zip(self.schedule, self.layers, cache['layers']):
       if kind == 'A':
         x, layer_cache = layer.decode(x, layer_cache, index=index, mask=mask,
-                                      positions=positions, rotary=self._rotary)
+                                      positions=positions, rotary=self.rotary)
       else:
         x, layer_cache = layer.decode(x, layer_cache)
       new_layers.append(layer_cache)
-    logits = self._logits(self.final_norm(x))
+    logits = self.logits(self.final_norm(x))
     return logits, {'index': index + length, 'layers': new_layers}
 
   # ------------------------------------------------------------------------------ pieces
-
-  def _blockwise(self, kv_len: int) -> bool:
-    return self.blockwise_threshold is not None and kv_len > self.blockwise_threshold
-
-  def _mask(self, length, segment_ids, attention_mask):
-    """The A layers' mask: a lazy mask function past the blockwise threshold, else an array."""
-    if attention_mask is None and self._blockwise(length):
-      return causal_segment_mask_fn(segment_ids)
-    mask = causal_mask(length) if attention_mask is None else attention_mask
-    if segment_ids is not None:
-      mask = combine_masks(mask, segment_mask(segment_ids))
-    return mask
-
-  @property
-  def _rotary(self) -> RotaryFn | None:
-    return rope if self.position == 'rope' else None
-
-  def _inputs(self, tokens, embeddings) -> jax.Array:
-    if (tokens is None) == (embeddings is None):
-      raise ValueError('Pass exactly one of tokens= or embeddings= '
-                       f'(got tokens={tokens is not None}, embeddings={embeddings is not None}).')
-    return self.embed(tokens) if embeddings is None else embeddings.astype(self.dtype)
-
-  def _add_positions(self, x: jax.Array, positions: jax.Array) -> jax.Array:
-    if self.position == 'learned':
-      return x + self.position_table(positions)
-    if self.position == 'sinusoidal':
-      return x + sinusoidal_positions(positions, self.d_model).astype(x.dtype)
-    return x  # rope: inside attention; none: order comes from the Mamba layers
-
-  def _logits(self, hidden: jax.Array) -> jax.Array:
-    if self.head is None:
-      logits = self.embedder.attend(hidden) / np.sqrt(self.d_model)
-    else:
-      logits = self.head(hidden)
-    return logits.astype(jnp.float32)
 
 
 def mamba_layer_extra_params(d_model: int, num_heads: int, *, num_kv_heads: int | None = None,

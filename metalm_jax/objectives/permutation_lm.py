@@ -52,12 +52,12 @@ def two_stream(model, tokens: jax.Array, *, positions: jax.Array, perm_rank: jax
     rngs = nnx.Rngs(dropout=rngs)
   mask_c, mask_q = permutation_masks(perm_rank, segment_ids)
   vocab_size = prefix_lm.model_vocab_size(model)
-  h = model._add_positions(model.embed(tokens), positions)  # pylint: disable=protected-access
+  h = model.add_positions(model.embed(tokens), positions)
   mask_id = jnp.full_like(tokens, vocab_size + special_tokens.MASK)
-  g = model._add_positions(model.embed(mask_id), positions)  # pylint: disable=protected-access
+  g = model.add_positions(model.embed(mask_id), positions)
   drop = lambda x: model.embed_dropout(x, deterministic=deterministic, rngs=rngs)
   h, g = drop(h), drop(g)
-  rotary = model._rotary  # pylint: disable=protected-access
+  rotary = model.rotary
   for block in model.blocks:
     attn = block.attention
     hn, gn = block.attn_norm(h), block.attn_norm(g)
@@ -68,7 +68,7 @@ def two_stream(model, tokens: jax.Array, *, positions: jax.Array, perm_rank: jax
     h, g = h + bdrop(dh), g + bdrop(dg)
     h = h + bdrop(block.mlp(block.mlp_norm(h)))
     g = g + bdrop(block.mlp(block.mlp_norm(g)))
-  return model._logits(model.final_norm(g))  # pylint: disable=protected-access
+  return model.logits(model.final_norm(g))
 
 
 def loss(model, batch, *, deterministic: bool = True, rng=None):
