@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import difflib
 import inspect
+import re
 from typing import Any
 
 import ml_collections
@@ -59,6 +60,17 @@ def base_config() -> ml_collections.ConfigDict:
   c.optimizer.eps = 1e-8
   c.optimizer.weight_decay = 0.1  # applied to weight matrices only (ndim >= 2)
   c.optimizer.grad_clip_norm = 1.0  # global-norm clipping; 0 disables
+  # k > 1: average the gradients of k micro-batches (optax.MultiSteps), one update per k
+  # trainer steps. Trainer steps stay micro-batches: num_train_steps, warmup_steps and the
+  # log / eval / checkpoint intervals count them; num_train_steps must be a multiple of k;
+  # batch_size is the micro-batch (the effective batch is batch_size * k). docs/training.md.
+  c.optimizer.grad_accum_steps = 1
+  # ((regex, multiplier), ...): the first regex that re.search'es a parameter's '/'-joined
+  # path ('blocks/0/mlp/wo/kernel') scales its whole AdamW update (weight decay included).
+  c.optimizer.lr_multipliers = ()
+  # (regex, ...): matching parameters get zero updates, no weight decay, no optimizer state.
+  # A regex matching no parameter is an error (listing real paths) when the trainer starts.
+  c.optimizer.freeze = ()
 
   c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})
   c.sharding_rules = sharding.FSDP_TP_RULES
@@ -208,6 +220,62 @@ def _check_dtype(path: str, value) -> None:
                       "'bfloat16'") from e
 
 
+def grad_accum_steps(opt_config, num_train_steps: int | None = None) -> int:
+  """`config.optimizer.grad_accum_steps`, checked: a positive int (1 = no accumulation) that
+  divides `num_train_steps` (when given; trainer steps count micro-batches)."""
+  k = opt_config.get("grad_accum_steps", 1)
+  if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+    raise ConfigError(f"config.optimizer.grad_accum_steps={k!r} must be a positive int "
+                      "(1 = no accumulation)")
+  if num_train_steps is not None and num_train_steps % k:
+    raise ConfigError(
+        f"config.num_train_steps={num_train_steps} is not a multiple of "
+        f"config.optimizer.grad_accum_steps={k}: the last {num_train_steps % k} micro-batches "
+        f"would be accumulated but never applied. Use e.g. num_train_steps="
+        f"{num_train_steps - num_train_steps % k + k}.")
+  return k
+
+
+def lr_multiplier_pairs(opt_config) -> list[tuple[str, float]]:
+  """`config.optimizer.lr_multipliers` as [(regex, multiplier)], each checked."""
+  pairs = []
+  for i, pair in enumerate(opt_config.get("lr_multipliers", ()) or ()):
+    if (not isinstance(pair, (tuple, list)) or len(pair) != 2 or not isinstance(pair[0], str)
+        or isinstance(pair[1], bool) or not isinstance(pair[1], (int, float))
+        or not 0.0 <= pair[1] < float("inf")):
+      raise ConfigError(f"config.optimizer.lr_multipliers[{i}]={pair!r} must be a (regex, "
+                        "multiplier >= 0) pair, e.g. lr_multipliers=(('^embedder/', 0.1),)")
+    _check_regex(f"config.optimizer.lr_multipliers[{i}]", pair[0])
+    pairs.append((pair[0], float(pair[1])))
+  return pairs
+
+
+def freeze_patterns(opt_config) -> tuple[str, ...]:
+  """`config.optimizer.freeze` as a tuple of regexes, each checked."""
+  patterns = tuple(opt_config.get("freeze", ()) or ())
+  for i, pattern in enumerate(patterns):
+    if not isinstance(pattern, str):
+      raise ConfigError(f"config.optimizer.freeze[{i}]={pattern!r} must be a regex string, "
+                        "e.g. freeze=('^embedder/',)")
+    _check_regex(f"config.optimizer.freeze[{i}]", pattern)
+  return patterns
+
+
+def _check_regex(name: str, pattern: str) -> None:
+  try:
+    re.compile(pattern)
+  except re.error as e:
+    raise ConfigError(f"{name}={pattern!r} is not a valid regex ({e})") from e
+
+
+def _check_optimizer(config: ml_collections.ConfigDict) -> None:
+  """grad_accum_steps, lr_multipliers and freeze. Their regexes are matched against the
+  model's parameters when the optimizer is built (train.state.make_optimizer)."""
+  grad_accum_steps(config.optimizer, config.num_train_steps)
+  lr_multiplier_pairs(config.optimizer)
+  freeze_patterns(config.optimizer)
+
+
 def validate(config: ml_collections.ConfigDict) -> None:
   """Raises ConfigError for unknown keys, ill-typed values and inconsistent settings."""
   schema = base_config()
@@ -222,6 +290,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
               "eval_every_steps", "keep_checkpoints"):
     if config[key] <= 0:
       raise ConfigError(f"config.{key}={config[key]} must be positive")
+  _check_optimizer(config)
   if config.data.seq_len <= 1:
     raise ConfigError(f"config.data.seq_len={config.data.seq_len} must be > 1")
   max_len = dict(config.model).get("max_len")

@@ -106,11 +106,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
   # ---------------------------------------------------------------- model and optimizer
   model = state_lib.Model(config.model)
-  tx = state_lib.make_optimizer(config.optimizer, config.num_train_steps)
-  trainable_layers = model_kwargs.get("trainable_encoder_layers", -1)
+  trainable, trainable_layers = None, model_kwargs.get("trainable_encoder_layers", -1)
   if trainable_layers is not None and trainable_layers >= 0:  # a docked, mostly frozen encoder
-    tx = freeze.freeze(tx, freeze.trainable_mask(model.abstract_params,
-                                                 trainable_layers=trainable_layers))
+    trainable = freeze.trainable_mask(model.abstract_params, trainable_layers=trainable_layers)
+  # Also config.optimizer.freeze / lr_multipliers / grad_accum_steps (see make_optimizer): a
+  # trainer step is one micro-batch; `schedule(step)` is the rate its group's update uses.
+  tx = state_lib.make_optimizer(config.optimizer, config.num_train_steps,
+                                model.abstract_params, trainable=trainable)
   schedule = state_lib.learning_rate_schedule(config.optimizer, config.num_train_steps)
   logger.info("model %s: %s parameters", config.model.name, f"{model.param_count():,}")
 
