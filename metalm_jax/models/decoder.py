@@ -11,6 +11,17 @@ The decoder is the language-model backbone every family reuses:
 Dropout is deterministic unless `deterministic=False`, and then needs `rngs`: a jax PRNG
 key (fresh per training step) or an `nnx.Rngs` with a 'dropout' stream. The model stores
 no RNG state, so `nnx.split(model)` gives parameters only.
+
+Scale options (config keys of the model):
+  scan_layers   True: the N blocks are one `DecoderBlock` whose parameters carry a leading
+                'layers' axis (built by `nnx.vmap`), run by `nnx.scan`: XLA compiles one
+                block, so compile time stays flat in depth. `stack_layer_params` /
+                `unstack_layer_params` convert parameters between the two layouts.
+  remat_policy  what the backward pass keeps of each block's forward (REMAT_POLICIES):
+                'none' keeps everything; 'full' keeps only the block input and recomputes
+                the rest; 'dots_saveable' keeps matmul outputs and recomputes elementwise
+                work; 'names' keeps the tensors tagged with `checkpoint_name` in
+                each block (its attention or Mamba output and MLP output, SAVED_NAMES).
 """
 from __future__ import annotations
 
@@ -18,6 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from metalm_jax.layers.attention import (KVCache, MultiHeadAttention, RotaryFn,
                                          causal_segment_mask_fn)
@@ -28,6 +40,93 @@ from metalm_jax.layers.norms import make_norm
 
 POSITIONS = ('rope', 'learned', 'sinusoidal')
 DropoutRngs = nnx.Rngs | jax.Array | None
+SAVED_NAMES = ('mixer_out', 'mlp_out')  # checkpoint_name tags: attention / Mamba, MLP
+REMAT_POLICIES = {
+    'none': None,
+    'full': jax.checkpoint_policies.nothing_saveable,
+    'dots_saveable': jax.checkpoint_policies.dots_saveable,
+    'names': jax.checkpoint_policies.save_only_these_names(*SAVED_NAMES),
+}
+
+
+def get_remat_policy(name: str):
+  """The jax.checkpoint policy of a REMAT_POLICIES name ('none' -> None: no remat)."""
+  if name not in REMAT_POLICIES:
+    raise ValueError(f'remat_policy={name!r} is not one of {sorted(REMAT_POLICIES)}.')
+  return REMAT_POLICIES[name]
+
+
+def apply_blocks(blocks, x: jax.Array, call, *, scan: bool, remat: str,
+                 rngs: nnx.Rngs | None = None) -> jax.Array:
+  """Runs `call(block, x, rngs) -> x` over a block stack, scanned or unrolled, with remat.
+
+  Unrolled, `blocks` is a sequence of modules; scanned, one module whose parameters have a
+  leading layer axis, run by `jax.lax.scan` (one traced and compiled block). Each layer
+  gets its own dropout stream, split from one draw of `rngs` (None: no dropout). Blocks
+  run as pure functions of their split state (`nnx.split` outside, `nnx.merge` inside), so
+  this also works where the module was merged at an outer trace level.
+  """
+  policy = get_remat_policy(remat)
+  if scan:
+    graphdef, state = nnx.split(blocks)
+    num_layers = jax.tree.leaves(state)[0].shape[0]
+  else:
+    num_layers = len(blocks)
+  keys = jax.random.split(rngs.dropout(), num_layers) if rngs is not None else None
+
+  def run(graphdef, state, x, key):
+    layer_rngs = None if key is None else nnx.Rngs(dropout=key)
+    return call(nnx.merge(graphdef, state), x, layer_rngs)
+
+  if remat != 'none':  # under scan, the loop already keeps XLA from merging recomputation
+    run = jax.checkpoint(run, policy=policy, static_argnums=(0,), prevent_cse=not scan)
+  if scan:
+    return jax.lax.scan(lambda x, inp: (run(graphdef, inp[0], x, inp[1]), None),
+                        x, (state, keys))[0]
+  for i, block in enumerate(blocks):
+    graphdef, state = nnx.split(block)
+    x = run(graphdef, state, x, None if keys is None else keys[i])
+  return x
+
+
+def decode_stacked(blocks, x: jax.Array, layers_cache: dict, step) -> tuple[jax.Array, dict]:
+  """`step(block, x, layer_cache) -> (x, layer_cache)` over a scanned block stack.
+
+  The cache leaves are [B, num_layers, ...] (batch first); the scan carries them whole and
+  reads / writes layer i in place with dynamic slices.
+  """
+  graphdef, state = nnx.split(blocks)
+  num_layers = jax.tree.leaves(state)[0].shape[0]
+
+  def body(carry, inputs):
+    x, cache = carry
+    layer_state, i = inputs
+    layer_cache = jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, i, 1, False), cache)
+    x, layer_cache = step(nnx.merge(graphdef, layer_state), x, layer_cache)
+    cache = jax.tree.map(lambda a, u: jax.lax.dynamic_update_index_in_dim(a, u, i, 1),
+                         cache, layer_cache)
+    return (x, cache), None
+
+  (x, layers_cache), _ = jax.lax.scan(body, (x, layers_cache),
+                                      (state, jnp.arange(num_layers)))
+  return x, layers_cache
+
+
+def stack_layer_params(params: dict) -> dict:
+  """Pure params of an unscanned Decoder -> the scan_layers=True layout.
+
+  {'blocks': {0: tree, 1: tree, ...}, ...} -> {'blocks': tree with a leading layer axis}.
+  """
+  blocks = params['blocks']
+  stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *(blocks[i] for i in range(len(blocks))))
+  return dict(params, blocks=stacked)
+
+
+def unstack_layer_params(params: dict) -> dict:
+  """The inverse of `stack_layer_params`."""
+  stacked = params['blocks']
+  n = jax.tree.leaves(stacked)[0].shape[0]
+  return dict(params, blocks={i: jax.tree.map(lambda x, i=i: x[i], stacked) for i in range(n)})
 
 
 class DecoderBlock(nnx.Module):
@@ -54,8 +153,9 @@ class DecoderBlock(nnx.Module):
                deterministic: bool = True, rngs: DropoutRngs = None) -> jax.Array:
     """x [B, L, D], mask bool [B|1, N|1, L, L], positions int [B, L] -> [B, L, D]."""
     h = self.attention(self.attn_norm(x), mask=mask, positions=positions, rotary=rotary)
+    h = checkpoint_name(h, 'mixer_out')
     x = x + self.dropout(h, deterministic=deterministic, rngs=rngs)
-    h = self.mlp(self.mlp_norm(x))
+    h = checkpoint_name(self.mlp(self.mlp_norm(x)), 'mlp_out')
     return x + self.dropout(h, deterministic=deterministic, rngs=rngs)
 
   def decode(self, x: jax.Array, cache: KVCache, *, index: jax.Array,
@@ -139,23 +239,31 @@ class Decoder(TokenLM, nnx.Module):
                dropout_rate: float = 0.0, tie_embeddings: bool = False,
                norm: str = 'rmsnorm', attention_impl: str = 'reference',
                blockwise_threshold: int | None = None, block_size: int = 512,
+               scan_layers: bool = False, remat_policy: str = 'none',
                dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
     if position not in POSITIONS:
       raise ValueError(f'position={position!r} is not one of {POSITIONS}.')
     if not 0.0 <= dropout_rate < 1.0:
       raise ValueError(f'dropout_rate={dropout_rate} must be in [0, 1).')
+    get_remat_policy(remat_policy)  # validates the name
     kw = dict(dtype=dtype, param_dtype=param_dtype)
+    self.scan_layers, self.remat_policy, self.num_layers = scan_layers, remat_policy, num_layers
     self.vocab_size, self.d_model, self.position = vocab_size, d_model, position
     self.max_len, self.dropout_rate, self.dtype = max_len, dropout_rate, dtype
     self.embedder = Embed(vocab_size, d_model, rngs=rngs, **kw)
     self.position_table = (LearnedPositions(max_len, d_model, rngs=rngs, **kw)
                            if position == 'learned' else None)
-    self.blocks = nnx.List([
-        DecoderBlock(d_model, num_heads, d_ff, num_kv_heads=num_kv_heads, head_dim=head_dim,
-                     mlp_activation=mlp_activation, norm=norm, dropout_rate=dropout_rate,
-                     attention_impl=attention_impl, blockwise_threshold=blockwise_threshold,
-                     block_size=block_size, rngs=rngs, **kw)
-        for _ in range(num_layers)])
+    make_block = lambda r: DecoderBlock(
+        d_model, num_heads, d_ff, num_kv_heads=num_kv_heads, head_dim=head_dim,
+        mlp_activation=mlp_activation, norm=norm, dropout_rate=dropout_rate,
+        attention_impl=attention_impl, blockwise_threshold=blockwise_threshold,
+        block_size=block_size, rngs=r, **kw)
+    if scan_layers:  # one block with stacked parameters, logical axes ('layers', ...)
+      stack = nnx.vmap(lambda key: make_block(nnx.Rngs(key)), in_axes=0, out_axes=0,
+                       transform_metadata={nnx.PARTITION_NAME: 'layers'})
+      self.blocks = stack(jax.random.split(rngs.params(), num_layers))
+    else:
+      self.blocks = nnx.List([make_block(rngs) for _ in range(num_layers)])
     self.blockwise_threshold = blockwise_threshold
     self.final_norm = make_norm(norm, d_model, **kw)
     self.head = None if tie_embeddings else nnx.Einsum(
@@ -196,19 +304,33 @@ class Decoder(TokenLM, nnx.Module):
     x = self.embed_dropout(self.add_positions(x, positions),
                            deterministic=deterministic, rngs=rngs)
     mask = self._mask(length, segment_ids, attention_mask)
-    for block in self.blocks:
-      x = block(x, mask=mask, positions=positions, rotary=self.rotary,
-                deterministic=deterministic, rngs=rngs)
+    rotary = self.rotary
+
+    def call(block, x, rngs):
+      return block(x, mask=mask, positions=positions, rotary=rotary,
+                   deterministic=deterministic, rngs=rngs)
+
+    x = apply_blocks(self.blocks, x, call, scan=self.scan_layers, remat=self.remat_policy,
+                     rngs=rngs if train else None)
     hidden = self.final_norm(x)
     return self.logits(hidden), {'hidden': hidden}
 
   def init_cache(self, batch_size: int, max_len: int, dtype=jnp.float32) -> dict:
-    """Empty cache {'index': int32 0, 'layers': [{'k', 'v'} [B, max_len, K, H]] per block}."""
+    """Empty cache {'index': int32 0, 'layers': [{'k', 'v'} [B, max_len, K, H]] per block}.
+
+    With scan_layers, 'layers' is one {'k', 'v'} [B, num_layers, max_len, K, H] (batch
+    first, as the cache protocol of `inference` wants).
+    """
     if self.position == 'learned' and max_len > self.max_len:
       raise ValueError(f'cache max_len={max_len} exceeds the learned position table '
                        f'(max_len={self.max_len}); build the Decoder with a larger max_len.')
-    return {'index': jnp.zeros((), jnp.int32),
-            'layers': [b.attention.init_cache(batch_size, max_len, dtype) for b in self.blocks]}
+    if self.scan_layers:
+      one = self.blocks.attention.init_cache(batch_size, max_len, dtype)
+      layers = jax.tree.map(lambda a: jnp.zeros(a.shape[:1] + (self.num_layers,) + a.shape[1:],
+                                                a.dtype), one)
+    else:
+      layers = [b.attention.init_cache(batch_size, max_len, dtype) for b in self.blocks]
+    return {'index': jnp.zeros((), jnp.int32), 'layers': layers}
 
   def decode(self, tokens: jax.Array | None, cache: dict, *,
              embeddings: jax.Array | None = None, positions: jax.Array | None = None,
@@ -235,14 +357,23 @@ class Decoder(TokenLM, nnx.Module):
     if positions is None:
       positions = jnp.broadcast_to(index + jnp.arange(length), (batch, length))
     x = self.add_positions(x, positions)
-    cache_len = cache['layers'][0]['k'].shape[1]
+    cache_len = (cache['layers']['k'].shape[2] if self.scan_layers
+                 else cache['layers'][0]['k'].shape[1])
     mask = (causal_mask(length, kv_length=cache_len, offset=index)
             if attention_mask is None else attention_mask)
-    new_layers = []
-    for block, layer_cache in zip(self.blocks, cache['layers']):
-      x, layer_cache = block.decode(x, layer_cache, index=index, mask=mask,
-                                    positions=positions, rotary=self.rotary)
-      new_layers.append(layer_cache)
+    rotary = self.rotary
+
+    def step(block, x, layer_cache):
+      return block.decode(x, layer_cache, index=index, mask=mask, positions=positions,
+                          rotary=rotary)
+
+    if self.scan_layers:
+      x, new_layers = decode_stacked(self.blocks, x, cache['layers'], step)
+    else:
+      new_layers = []
+      for block, layer_cache in zip(self.blocks, cache['layers']):
+        x, layer_cache = step(block, x, layer_cache)
+        new_layers.append(layer_cache)
     logits = self.logits(self.final_norm(x))
     return logits, {'index': index + length, 'layers': new_layers}
 

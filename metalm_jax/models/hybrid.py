@@ -26,13 +26,15 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from metalm_jax.layers.attention import causal_segment_mask_fn
 from metalm_jax.layers.embeddings import Embed, LearnedPositions
 from metalm_jax.layers.masks import causal_mask
 from metalm_jax.layers.mlp import Mlp
 from metalm_jax.layers.norms import make_norm
-from metalm_jax.models.decoder import DecoderBlock, DropoutRngs, TokenLM
+from metalm_jax.models.decoder import (DecoderBlock, DropoutRngs, TokenLM, apply_blocks,
+                                      get_remat_policy)
 from metalm_jax.ssm.mamba import MambaBlock
 
 POSITIONS = ('none', 'rope', 'learned', 'sinusoidal')
@@ -90,9 +92,9 @@ class MambaLayer(nnx.Module):
 
   def __call__(self, x: jax.Array, *, segment_ids: jax.Array | None = None,
                deterministic: bool = True, rngs: DropoutRngs = None) -> jax.Array:
-    h = self.mamba(self.mixer_norm(x), segment_ids)
+    h = checkpoint_name(self.mamba(self.mixer_norm(x), segment_ids), 'mixer_out')
     x = x + self.dropout(h, deterministic=deterministic, rngs=rngs)
-    h = self.mlp(self.mlp_norm(x))
+    h = checkpoint_name(self.mlp(self.mlp_norm(x)), 'mlp_out')
     return x + self.dropout(h, deterministic=deterministic, rngs=rngs)
 
   def decode(self, x: jax.Array, cache: dict) -> tuple[jax.Array, dict]:
@@ -107,6 +109,7 @@ class HybridDecoder(TokenLM, nnx.Module):
 
   Parameters: token table ('vocab', 'embed'); per layer norms, attention (A) or Mamba (M)
   mixer, MLP; final norm; output head ('embed', 'vocab') unless `tie_embeddings`.
+  `remat_policy` as `Decoder`'s; the layers are heterogeneous, so they are never scanned.
   """
 
   def __init__(self, *, vocab_size: int, d_model: int, num_layers: int, num_heads: int,
@@ -117,13 +120,15 @@ class HybridDecoder(TokenLM, nnx.Module):
                position: str = 'none', max_len: int = 2048, dropout_rate: float = 0.0,
                tie_embeddings: bool = False, norm: str = 'rmsnorm',
                attention_impl: str = 'reference', blockwise_threshold: int | None = None,
-               block_size: int = 512, dtype=jnp.float32, param_dtype=jnp.float32,
-               rngs: nnx.Rngs):
+               block_size: int = 512, remat_policy: str = 'none', dtype=jnp.float32,
+               param_dtype=jnp.float32, rngs: nnx.Rngs):
     if position not in POSITIONS:
       raise ValueError(f'position={position!r} is not one of {POSITIONS}.')
     if not 0.0 <= dropout_rate < 1.0:
       raise ValueError(f'dropout_rate={dropout_rate} must be in [0, 1).')
+    get_remat_policy(remat_policy)  # validates the name
     kw = dict(dtype=dtype, param_dtype=param_dtype)
+    self.remat_policy = remat_policy
     self.schedule = resolve_schedule(num_layers, schedule, attn_period=attn_period,
                                      attn_offset=attn_offset)
     self.vocab_size, self.d_model, self.position = vocab_size, d_model, position
@@ -176,12 +181,17 @@ class HybridDecoder(TokenLM, nnx.Module):
     x = self.embed_dropout(self.add_positions(x, positions),
                            deterministic=deterministic, rngs=rngs)
     mask = self._mask(length, segment_ids, attention_mask) if 'A' in self.schedule else None
-    for kind, layer in zip(self.schedule, self.layers):
-      if kind == 'A':
-        x = layer(x, mask=mask, positions=positions, rotary=self.rotary,
-                  deterministic=deterministic, rngs=rngs)
-      else:
-        x = layer(x, segment_ids=segment_ids, deterministic=deterministic, rngs=rngs)
+    rotary = self.rotary
+
+    def call(layer, x, rngs):
+      if isinstance(layer, DecoderBlock):
+        return layer(x, mask=mask, positions=positions, rotary=rotary,
+                     deterministic=deterministic, rngs=rngs)
+      return layer(x, segment_ids=segment_ids, deterministic=deterministic, rngs=rngs)
+
+    train = not deterministic and self.dropout_rate > 0.0
+    x = apply_blocks(self.layers, x, call, scan=False, remat=self.remat_policy,
+                     rngs=rngs if train else None)
     hidden = self.final_norm(x)
     return self.logits(hidden), {'hidden': hidden}
 

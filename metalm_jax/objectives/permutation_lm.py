@@ -46,6 +46,9 @@ def two_stream(model, tokens: jax.Array, *, positions: jax.Array, perm_rank: jax
   """
   from flax import nnx  # local: keeps module import light
 
+  if getattr(model, "scan_layers", False):
+    raise ValueError("permutation_lm runs the two attention streams block by block; build "
+                     "the Decoder with scan_layers=False (config.model.scan_layers=False)")
   if not deterministic and model.dropout_rate > 0.0 and rngs is None:
     raise ValueError("deterministic=False with dropout needs rngs= (a PRNG key)")
   if isinstance(rngs, jax.Array):
