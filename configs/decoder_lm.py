@@ -38,6 +38,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       num_heads=s["num_heads"], num_kv_heads=s["num_kv_heads"], d_ff=s["d_ff"],
       mlp_activation="swiglu", position="rope", max_len=max(2048, s["seq_len"]),
       dropout_rate=s["dropout"], tie_embeddings=False, norm="rmsnorm", attention_impl="reference",
+      scan_layers=False, remat_policy="none",  # see docs/training.md (scale options)
       dtype="float32", param_dtype="float32"))
   config.data.vocab_size = s["vocab"]
   config_lib.set_schedule(config, seq_len=s["seq_len"], batch=s["batch"], steps=s["steps"],

@@ -64,7 +64,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       mlp_activation="swiglu", position="none" if hybrid else "rope",
       max_len=max(2048, s["seq_len"]), dropout_rate=s["dropout"], tie_embeddings=False,
       norm="rmsnorm", attention_impl="reference", blockwise_threshold=2048, block_size=512,
-      dtype="float32", param_dtype="float32"))
+      remat_policy="none", dtype="float32", param_dtype="float32"))
   config.data.vocab_size = s["vocab"]
   config_lib.set_schedule(config, seq_len=s["seq_len"], batch=s["batch"], steps=s["steps"],
                           lr=s["lr"], test=args["size"] == "test",

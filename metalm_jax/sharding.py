@@ -25,13 +25,18 @@ MESH_AXES = ("data", "fsdp", "tensor")
 
 # Ready-made rule sets. 'batch' is the batch axis of activations and data.
 DATA_PARALLEL_RULES = (("batch", ("data", "fsdp")),)
+# 'encoder_embed' / 'vision_embed': the encoders' widths where they meet the connector.
 FSDP_RULES = (
     ("batch", ("data", "fsdp")),
     ("embed", "fsdp"),
+    ("encoder_embed", "fsdp"),
+    ("vision_embed", "fsdp"),
 )
 FSDP_TP_RULES = (
     ("batch", ("data", "fsdp")),
     ("embed", "fsdp"),
+    ("encoder_embed", "fsdp"),
+    ("vision_embed", "fsdp"),
     ("mlp", "tensor"),
     ("heads", "tensor"),
     ("kv_heads", "tensor"),

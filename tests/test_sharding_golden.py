@@ -13,7 +13,7 @@ After an intended change (a new parameter, a new rule), regenerate the files and
   UPDATE_GOLDEN=1 .venv/bin/pytest tests/test_sharding_golden.py
 
 The sanity tests (`test_rule_set_invariants`) check the properties that make the goldens mean
-something (dp replicates everything, fsdp shards every 'embed' matrix over 'fsdp', fsdp_tp puts
+something (dp replicates everything, fsdp shards every model-width matrix over 'fsdp', fsdp_tp puts
 the MLP and attention heads on 'tensor'), on the same lines, so a regenerated golden file
 cannot silently bless a regression.
 
@@ -79,6 +79,8 @@ class Family:
 
 FAMILIES = {
     "decoder": Family("decoder_lm", "size=small"),
+    "decoder_scanned": Family("decoder_lm", "size=small", overrides=(("scan_layers", True),),
+                              why="stacked blocks: a leading 'layers' axis, replicated"),
     "hybrid": Family("hybrid_lm", "size=small"),
     "metalm_lm": Family("metalm_lm", "size=tiny,connector=resampler",
                         why="the resampler's first layer is the linear connector: covers both"),
@@ -196,6 +198,9 @@ def test_no_stale_golden_files():
                      f"FAMILIES x RULE_SETS case; delete them or run `{UPDATE_COMMAND}`")
 
 
+# Model-width axes (decoder, encoders, ViT): fsdp must shard every matrix over one of them.
+FSDP_LOGICAL_AXES = ("embed", "encoder_embed", "vision_embed")
+
 # Parameters that fsdp_tp must put on 'tensor' (path patterns; each must match in every family).
 TENSOR_PARALLEL_PATHS = {
     "MLP kernel": re.compile(r"(^|/)(mlp|ffn)/(wi|wi_gate|wo)/kernel$"),
@@ -238,10 +243,11 @@ def test_rule_set_invariants(family, rule_set):
       why.append("'dp' must replicate every parameter")
     if rule_set == "fsdp" and set(used) - {"fsdp"}:
       why.append("'fsdp' may shard over 'fsdp' only")
-    if rule_set in ("fsdp", "fsdp_tp") and len(line.shape) >= 2 and "embed" in line.logical:
-      dim = line.logical.index("embed")
-      if "fsdp" not in line.axes_of_dim(dim):
-        why.append(f"a weight matrix's 'embed' dim (dim {dim}) must be on 'fsdp'")
+    widths = [d for d, n in enumerate(line.logical) if n in FSDP_LOGICAL_AXES]
+    if rule_set in ("fsdp", "fsdp_tp") and len(line.shape) >= 2 and widths:
+      if not any("fsdp" in line.axes_of_dim(d) for d in widths):
+        why.append(f"a weight matrix with a model-width axis ({FSDP_LOGICAL_AXES}) must have "
+                   "one of them on 'fsdp'")
     if rule_set == "fsdp_tp":
       patterns = {**TENSOR_PARALLEL_PATHS, **OPTIONAL_TENSOR_PARALLEL_PATHS}
       why += [f"{what} must be sharded over 'tensor'" for what, pattern in patterns.items()
