@@ -6,6 +6,8 @@ import socket
 import subprocess
 import time
 
+import numpy as np
+
 from metalm_jax.train import checkpoint as checkpoint_lib
 from tests.test_preemption import train_cmd
 
@@ -30,7 +32,48 @@ def _launch(data_dir, workdir, steps, *, heartbeat=100):
   return procs
 
 
-def test_two_processes_train_and_checkpoint_together(pydoc_data_dir, tmp_path):
+def _one_process_losses(data_dir, steps, devices):
+  """The same training in this process on 8 devices, fed the global batches the two
+  processes assemble (process 0's rows, then process 1's): per-step losses."""
+  import jax
+  import numpy as np
+
+  from metalm_jax import objectives, sharding
+  from metalm_jax.data import datasets, pipeline
+  from metalm_jax.train import state as state_lib
+  from metalm_jax.train import step as step_lib
+  from metalm_jax.train import trainer
+  from tests.conftest import tiny_config
+
+  config = tiny_config(data_dir, num_train_steps=steps)
+  objective = objectives.get(config.objective)
+  source = datasets.data_source(config.data.dataset, "train", data_dir)
+  tokenizer = trainer.load_tokenizer(config.data)
+  local = [iter(pipeline.lm_dataset(
+      source, tokenizer, seq_len=config.data.seq_len, batch_size=config.batch_size // 2,
+      seed=config.seed, shuffle=True, num_epochs=None, process_index=i, process_count=2,
+      prepare=objective.prepare)) for i in range(2)]
+  mesh = sharding.make_mesh(config.mesh, devices)
+  rules = config.sharding_rules
+  model = state_lib.Model(config.model)
+  tx = state_lib.make_optimizer(config.optimizer, steps)
+  state, shardings, rest = state_lib.create_train_state(model, tx, jax.random.key(config.seed),
+                                                        mesh, rules)
+  batch_sharding = sharding.batch_sharding(mesh, rules)
+  train_step = step_lib.make_train_step(
+      model, tx, objective, state_lib.learning_rate_schedule(config.optimizer, steps),
+      shardings, rest, batch_sharding, mesh)
+  losses = []
+  for _ in range(steps):
+    parts = [next(it) for it in local]
+    batch = {k: jax.device_put(np.concatenate([p[k] for p in parts]), batch_sharding)
+             for k in parts[0]}
+    state, metrics = train_step(state, rest, batch)
+    losses.append(float(metrics["loss"]))
+  return losses
+
+
+def test_two_processes_train_and_checkpoint_together(pydoc_data_dir, tmp_path, devices8):
   workdir = str(tmp_path)
   procs = _launch(pydoc_data_dir, workdir, steps=4)
   outs = [p.communicate(timeout=300)[0].decode() for p in procs]
@@ -38,8 +81,12 @@ def test_two_processes_train_and_checkpoint_together(pydoc_data_dir, tmp_path):
     assert p.returncode == 0, out[-3000:]
   assert "process 1 of 2; 4 local / 8 global devices" in outs[1]
   with open(os.path.join(workdir, "metrics.jsonl")) as f:  # written by process 0 only
-    steps = [json.loads(line)["step"] for line in f if '"train"' in line]
+    rows = [json.loads(line) for line in f if '"train"' in line]
+  steps = [row["step"] for row in rows]
   assert steps == [1, 2, 3, 4]
+  # The same losses as one process on 8 devices fed the same global batches.
+  expected = _one_process_losses(pydoc_data_dir, 4, devices8)
+  np.testing.assert_allclose([row["loss"] for row in rows], expected, rtol=1e-5)
   assert checkpoint_lib.Checkpointer(workdir, keep=3).latest_step() == 4
   # Each process stored its own data-iterator position.
   data_dir = os.path.join(workdir, "checkpoints", "4", "data")
