@@ -23,6 +23,9 @@ INSTALL_REQUIRES = [
 ]
 
 EXTRAS_REQUIRE = {
+    # Accelerators (README "GPUs and TPUs"): the JAX plugin of the same pinned version.
+    "cuda": ["jax[cuda12]==0.10.2"],
+    "tpu": ["jax[tpu]==0.10.2"],
     "test": [
         "pytest==9.2.0",
         "hypothesis==6.170.15",
