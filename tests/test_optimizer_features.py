@@ -19,6 +19,7 @@ from metalm_jax.train import metrics as metrics_lib
 from metalm_jax.train import state as state_lib
 from metalm_jax.train import trainer
 from tests.conftest import tiny_config
+from tests.test_train import _StopAt
 
 
 # ---------------------------------------------------------------- a hand-written model
@@ -114,19 +115,6 @@ def test_bad_grad_accum_steps_is_a_config_error(value, match):
   if value == 4:
     with pytest.raises(config_lib.ConfigError, match="not a multiple"):
       state_lib.make_optimizer(config.optimizer, config.num_train_steps)
-
-
-class _StopAt:
-  """Wraps pipeline.make_global_batch to raise KeyboardInterrupt on its n-th call."""
-
-  def __init__(self, n, fn):
-    self.calls, self.n, self.fn = 0, n, fn
-
-  def __call__(self, *args, **kwargs):
-    self.calls += 1
-    if self.calls == self.n:
-      raise KeyboardInterrupt("simulated stop")
-    return self.fn(*args, **kwargs)
 
 
 def saved_state(workdir, step=None):
