@@ -289,12 +289,12 @@ def test_bfloat16_compute_float32_params_trains(pydoc_data_dir, tmp_path):
       lambda p, _: jnp.asarray(params[freeze.path_str(p)]), model.abstract_params)
   rest = model.init(jax.random.key(0))[1]
   tokens = jnp.arange(32, dtype=jnp.int32).reshape(2, 16) % 500 + 3
-  logits, aux = model.merge(params, rest)(tokens)
+  logits, aux = jax.jit(lambda p: model.merge(p, rest)(tokens))(params)
   assert aux["hidden"].dtype == jnp.bfloat16 and logits.dtype == jnp.float32
   batch = {"inputs": tokens, "targets": jnp.roll(tokens, -1, axis=1),
            "positions": jnp.broadcast_to(jnp.arange(16), (2, 16)),
            "segment_ids": jnp.ones_like(tokens), "weights": jnp.ones(tokens.shape, jnp.float32)}
   loss_fn = lambda p: objectives.get("causal_lm").loss(model.merge(p, rest), batch)[0]
-  loss, grads = jax.value_and_grad(loss_fn)(params)
+  loss, grads = jax.jit(jax.value_and_grad(loss_fn))(params)
   assert loss.dtype == jnp.float32 and np.isfinite(float(loss))
   assert {str(g.dtype) for g in jax.tree.leaves(grads)} == {"float32"}

@@ -37,7 +37,8 @@ def wait_for_train_rows(workdir, n, proc, timeout=240):
   raise AssertionError("training did not reach the expected step in time")
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+@pytest.mark.parametrize("sig", [signal.SIGTERM,  # SIGINT takes the same path: slow only
+                                 pytest.param(signal.SIGINT, marks=pytest.mark.slow)])
 def test_signal_checkpoints_current_step_and_exits_zero_then_resumes(pydoc_data_dir, tmp_path,
                                                                       sig):
   workdir = str(tmp_path)
