@@ -3,6 +3,10 @@ r"""Benchmarks by name: `python experiments/benchmark.py NAME [--json FILE] [NAM
   python experiments/benchmark.py scan --lengths 1024 4096 16384          # selective scan vs mambapy
   python experiments/benchmark.py hybrid --json results.jsonl             # hybrid vs attention forward
   python experiments/benchmark.py decode                                  # decode step + cache bytes
+  python experiments/benchmark.py mfu --profile                           # train-step MFU vs matmul peak
+  python experiments/benchmark.py gpt2                                    # train step vs torch GPT-2
+  python experiments/benchmark.py aot --sizes small 1b                    # compile for 256 devices
+  python experiments/benchmark.py compile --depths 2 8 32              # compile time vs depth, scan
   python experiments/benchmark.py hybrid --help                           # a benchmark's own flags
 
 Each benchmark prints a markdown table to stdout; `--json FILE` also appends one JSON object
@@ -24,6 +28,10 @@ BENCHMARKS = {
     "scan": "experiments.benchmarks.scan",
     "hybrid": "experiments.benchmarks.hybrid",
     "decode": "experiments.benchmarks.decode",
+    "mfu": "experiments.benchmarks.mfu",
+    "gpt2": "experiments.benchmarks.gpt2",
+    "aot": "experiments.benchmarks.aot",
+    "compile": "experiments.benchmarks.compile",
 }
 
 
