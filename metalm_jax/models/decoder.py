@@ -168,6 +168,14 @@ class DecoderBlock(nnx.Module):
     return x + self.mlp(self.mlp_norm(x)), cache
 
 
+def output_head(d_model: int, vocab_size: int, *, rngs: nnx.Rngs, **kw) -> nnx.Einsum:
+  """The untied output projection [B, L, D] -> [B, L, V], kernel ('embed', 'vocab')."""
+  return nnx.Einsum(
+      'BLD,DV->BLV', (d_model, vocab_size),
+      kernel_init=nnx.with_partitioning(nnx.initializers.lecun_normal(), ('embed', 'vocab')),
+      rngs=rngs, **kw)
+
+
 class TokenLM:
   """What the decoder families share: tokens or embeddings in, positions, masks, logits out.
 
@@ -203,6 +211,25 @@ class TokenLM:
     else:
       out = self.head(hidden)
     return out.astype(jnp.float32)
+
+  def _embed_inputs(self, tokens, embeddings, positions, deterministic: bool,
+                    rngs: DropoutRngs) -> tuple[jax.Array, jax.Array, nnx.Rngs | None]:
+    """Inputs of a parallel forward: (embeddings + positions after dropout [B, L, D],
+    positions [B, L] (default arange), the dropout rngs for the layers or None when no
+    dropout runs)."""
+    x = self._inputs(tokens, embeddings)
+    batch, length = x.shape[:2]
+    if positions is None:
+      positions = jnp.broadcast_to(jnp.arange(length), (batch, length))
+    train = not deterministic and self.dropout_rate > 0.0
+    if train and rngs is None:
+      raise ValueError('deterministic=False with dropout_rate='
+                       f'{self.dropout_rate} needs rngs= (a PRNG key or nnx.Rngs(dropout=...)).')
+    if isinstance(rngs, jax.Array):
+      rngs = nnx.Rngs(dropout=rngs)
+    x = self.embed_dropout(self.add_positions(x, positions),
+                           deterministic=deterministic, rngs=rngs)
+    return x, positions, rngs if train else None
 
   def _inputs(self, tokens, embeddings) -> jax.Array:
     if (tokens is None) == (embeddings is None):
@@ -266,10 +293,7 @@ class Decoder(TokenLM, nnx.Module):
       self.blocks = nnx.List([make_block(rngs) for _ in range(num_layers)])
     self.blockwise_threshold = blockwise_threshold
     self.final_norm = make_norm(norm, d_model, **kw)
-    self.head = None if tie_embeddings else nnx.Einsum(
-        'BLD,DV->BLV', (d_model, vocab_size),
-        kernel_init=nnx.with_partitioning(nnx.initializers.lecun_normal(), ('embed', 'vocab')),
-        rngs=rngs, **kw)
+    self.head = None if tie_embeddings else output_head(d_model, vocab_size, rngs=rngs, **kw)
     self.embed_dropout = nnx.Dropout(dropout_rate)
 
   def __call__(self, tokens: jax.Array | None = None, *, embeddings: jax.Array | None = None,
@@ -291,19 +315,8 @@ class Decoder(TokenLM, nnx.Module):
     Returns:
       (logits [B, L, V] float32, {'hidden': final normed hidden state [B, L, D]}).
     """
-    x = self._inputs(tokens, embeddings)
-    batch, length = x.shape[:2]
-    if positions is None:
-      positions = jnp.broadcast_to(jnp.arange(length), (batch, length))
-    train = not deterministic and self.dropout_rate > 0.0
-    if train and rngs is None:
-      raise ValueError('deterministic=False with dropout_rate='
-                       f'{self.dropout_rate} needs rngs= (a PRNG key or nnx.Rngs(dropout=...)).')
-    if isinstance(rngs, jax.Array):
-      rngs = nnx.Rngs(dropout=rngs)
-    x = self.embed_dropout(self.add_positions(x, positions),
-                           deterministic=deterministic, rngs=rngs)
-    mask = self._mask(length, segment_ids, attention_mask)
+    x, positions, rngs = self._embed_inputs(tokens, embeddings, positions, deterministic, rngs)
+    mask = self._mask(x.shape[1], segment_ids, attention_mask)
     rotary = self.rotary
 
     def call(block, x, rngs):
@@ -311,7 +324,7 @@ class Decoder(TokenLM, nnx.Module):
                    deterministic=deterministic, rngs=rngs)
 
     x = apply_blocks(self.blocks, x, call, scan=self.scan_layers, remat=self.remat_policy,
-                     rngs=rngs if train else None)
+                     rngs=rngs)
     hidden = self.final_norm(x)
     return self.logits(hidden), {'hidden': hidden}
 

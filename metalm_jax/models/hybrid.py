@@ -34,7 +34,7 @@ from metalm_jax.layers.masks import causal_mask
 from metalm_jax.layers.mlp import Mlp
 from metalm_jax.layers.norms import make_norm
 from metalm_jax.models.decoder import (DecoderBlock, DropoutRngs, TokenLM, apply_blocks,
-                                      get_remat_policy)
+                                      get_remat_policy, output_head)
 from metalm_jax.ssm.mamba import MambaBlock
 
 POSITIONS = ('none', 'rope', 'learned', 'sinusoidal')
@@ -153,10 +153,7 @@ class HybridDecoder(TokenLM, nnx.Module):
                                  dropout_rate=dropout_rate, rngs=rngs, **kw))
     self.layers = nnx.List(layers)
     self.final_norm = make_norm(norm, d_model, **kw)
-    self.head = None if tie_embeddings else nnx.Einsum(
-        'BLD,DV->BLV', (d_model, vocab_size),
-        kernel_init=nnx.with_partitioning(nnx.initializers.lecun_normal(), ('embed', 'vocab')),
-        rngs=rngs, **kw)
+    self.head = None if tie_embeddings else output_head(d_model, vocab_size, rngs=rngs, **kw)
     self.embed_dropout = nnx.Dropout(dropout_rate)
 
   def __call__(self, tokens: jax.Array | None = None, *, embeddings: jax.Array | None = None,
@@ -169,18 +166,9 @@ class HybridDecoder(TokenLM, nnx.Module):
     at document starts. `attention_mask` [B|1, N|1, L, L] replaces the causal mask of the
     A layers only (the M layers are causal by construction).
     """
-    x = self._inputs(tokens, embeddings)
-    batch, length = x.shape[:2]
-    if positions is None:
-      positions = jnp.broadcast_to(jnp.arange(length), (batch, length))
-    if not deterministic and self.dropout_rate > 0.0 and rngs is None:
-      raise ValueError('deterministic=False with dropout_rate='
-                       f'{self.dropout_rate} needs rngs= (a PRNG key or nnx.Rngs(dropout=...)).')
-    if isinstance(rngs, jax.Array):
-      rngs = nnx.Rngs(dropout=rngs)
-    x = self.embed_dropout(self.add_positions(x, positions),
-                           deterministic=deterministic, rngs=rngs)
-    mask = self._mask(length, segment_ids, attention_mask) if 'A' in self.schedule else None
+    x, positions, rngs = self._embed_inputs(tokens, embeddings, positions, deterministic, rngs)
+    mask = (self._mask(x.shape[1], segment_ids, attention_mask) if 'A' in self.schedule
+            else None)
     rotary = self.rotary
 
     def call(layer, x, rngs):
@@ -189,9 +177,7 @@ class HybridDecoder(TokenLM, nnx.Module):
                      deterministic=deterministic, rngs=rngs)
       return layer(x, segment_ids=segment_ids, deterministic=deterministic, rngs=rngs)
 
-    train = not deterministic and self.dropout_rate > 0.0
-    x = apply_blocks(self.layers, x, call, scan=False, remat=self.remat_policy,
-                     rngs=rngs if train else None)
+    x = apply_blocks(self.layers, x, call, scan=False, remat=self.remat_policy, rngs=rngs)
     hidden = self.final_norm(x)
     return self.logits(hidden), {'hidden': hidden}
 
