@@ -149,7 +149,7 @@ def train(config, model: state_lib.Model, objective: objectives.Objective, sourc
   # Batch features have ranks 1..5: shard only the leading (batch) axis.
   batch_shardings = sharding.batch_sharding(mesh, rules, ndim=1)
   train_step = step_lib.make_train_step(model, tx, objective, schedule, state_shardings, rest,
-                                        batch_shardings, mesh)
+                                        batch_shardings, mesh, rules=rules)
   batches = iter(vl_pipeline.vl_dataset(
       source, tokenizer, seq_len=config.data.seq_len, batch_size=config.batch_size, seed=seed,
       tasks=tasks, prepare=objective.prepare))

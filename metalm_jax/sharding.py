@@ -10,9 +10,19 @@ parallelism is a config change only:
 A logical axis that no rule names is replicated. A dimension that the mesh axes it maps to do
 not divide evenly is replicated too (tiny test models on big meshes), and reported once by
 `explain_shardings` so nothing happens silently.
+
+Activations carry logical names too ('activation_batch', 'activation_length',
+'activation_embed', 'activation_vocab'), mapped by the same rules table. The models call
+`constrain_activation(x, names)` at a few points (after the embedding, after each block, at
+the logits); it pins `x` with `jax.lax.with_sharding_constraint` only while a train / eval
+step traces inside `activation_sharding(mesh, rules)`, and is a no-op everywhere else
+(single-device use, tests, generation). Without these constraints XLA's propagation follows
+the fsdp-sharded weights instead of the batch (docs/benchmarks.md, AOT section).
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -23,15 +33,24 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 MESH_AXES = ("data", "fsdp", "tensor")
 
-# Ready-made rule sets. 'batch' is the batch axis of activations and data.
-DATA_PARALLEL_RULES = (("batch", ("data", "fsdp")),)
+# Activations' logical axes (see `constrain_activation`): the batch over every data-parallel
+# axis; length and model width replicated (each device holds whole rows of the residual
+# stream; fsdp all-gathers the weights instead); vocab as the rule set says.
+ACTIVATION_RULES = (
+    ("activation_batch", ("data", "fsdp")),
+    ("activation_length", None),
+    ("activation_embed", None),
+)
+# Ready-made rule sets. 'batch' is the batch axis of the data.
+DATA_PARALLEL_RULES = (("batch", ("data", "fsdp")),) + ACTIVATION_RULES + (
+    ("activation_vocab", None),)
 # 'encoder_embed' / 'vision_embed': the encoders' widths where they meet the connector.
 FSDP_RULES = (
     ("batch", ("data", "fsdp")),
     ("embed", "fsdp"),
     ("encoder_embed", "fsdp"),
     ("vision_embed", "fsdp"),
-)
+) + ACTIVATION_RULES + (("activation_vocab", None),)
 FSDP_TP_RULES = (
     ("batch", ("data", "fsdp")),
     ("embed", "fsdp"),
@@ -42,7 +61,7 @@ FSDP_TP_RULES = (
     ("kv_heads", "tensor"),
     ("vocab", "tensor"),
     ("ssm_inner", "tensor"),
-)
+) + ACTIVATION_RULES + (("activation_vocab", "tensor"),)  # logits and loss split as the head
 RULE_SETS = {"dp": DATA_PARALLEL_RULES, "fsdp": FSDP_RULES, "fsdp_tp": FSDP_TP_RULES}
 
 Rules = Sequence[tuple[str, str | Sequence[str] | None]]
@@ -178,6 +197,71 @@ def batch_sharding(mesh: Mesh, rules: Rules, ndim: int = 2) -> NamedSharding:
   """Sharding of a data batch: the leading axis over the rules' 'batch' mesh axes."""
   spec = logical_to_mesh_spec(("batch",) + (None,) * (ndim - 1), rules)
   return NamedSharding(mesh, spec)
+
+
+_ACTIVATION_CONTEXT: contextvars.ContextVar[tuple[Mesh, Rules] | None] = contextvars.ContextVar(
+    "metalm_jax_activation_sharding", default=None)
+
+
+@contextlib.contextmanager
+def activation_sharding(mesh: Mesh, rules: Rules | None):
+  """While active, `constrain_activation` pins activations by `rules` on `mesh`.
+
+  Enter it inside the function being traced (the train / eval step body): the constraints
+  are recorded at trace time. `rules=None` switches them off (as outside the context).
+  """
+  token = _ACTIVATION_CONTEXT.set(None if rules is None else (mesh, tuple(rules)))
+  try:
+    yield
+  finally:
+    _ACTIVATION_CONTEXT.reset(token)
+
+
+def activation_spec(logical: Sequence[str | None], rules: Rules, mesh: Mesh,
+                    shape: Sequence[int]) -> P | None:
+  """The PartitionSpec `constrain_activation` applies to an activation of `shape`.
+
+  Per dimension: the rule's mesh axes (a rule to None replicates it); `P.UNCONSTRAINED`
+  (the compiler decides, as without a constraint) where no rule names the logical axis or
+  the mesh axes do not divide the dimension (a batch of 2 on 8 devices). None when no
+  dimension is constrained at all: nothing to pin.
+  """
+  table = _rules_dict(rules)
+  used: set[str] = set()
+  out = []
+  for dim, name in enumerate(tuple(logical)):
+    if name is None or name not in table:
+      out.append(P.UNCONSTRAINED)
+      continue
+    axes = tuple(a for a in table[name] if a not in used and mesh.shape[a] > 1)
+    if axes and shape[dim] % math.prod(mesh.shape[a] for a in axes):
+      out.append(P.UNCONSTRAINED)
+      continue
+    used.update(axes)
+    out.append(None if not axes else axes[0] if len(axes) == 1 else axes)
+  if all(e is P.UNCONSTRAINED for e in out):
+    return None
+  return P(*out)
+
+
+def constrain_activation(x: jax.Array, logical: Sequence[str | None]) -> jax.Array:
+  """`x` pinned to its logical axes' mesh sharding inside `activation_sharding`, else `x`.
+
+  e.g. `constrain_activation(h, ('activation_batch', 'activation_length', 'activation_embed'))`
+  on the residual stream [B, L, D]: under the fsdp rules each device keeps its own rows,
+  so XLA all-gathers the fsdp-sharded weights instead of gathering other devices' rows.
+  """
+  context = _ACTIVATION_CONTEXT.get()
+  if context is None:
+    return x
+  mesh, rules = context
+  if len(logical) != x.ndim:
+    raise ValueError(f"constrain_activation: {len(logical)} logical axes {tuple(logical)} for "
+                     f"an array of shape {x.shape}")
+  spec = activation_spec(logical, rules, mesh, x.shape)
+  if spec is None:
+    return x
+  return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
 
 
 def explain_shardings(abstract_tree: Any, shardings: Any) -> list[str]:

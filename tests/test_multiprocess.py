@@ -62,7 +62,7 @@ def _one_process_losses(data_dir, steps, devices):
   batch_sharding = sharding.batch_sharding(mesh, rules)
   train_step = step_lib.make_train_step(
       model, tx, objective, state_lib.learning_rate_schedule(config.optimizer, steps),
-      shardings, rest, batch_sharding, mesh)
+      shardings, rest, batch_sharding, mesh, rules=rules)
   losses = []
   for _ in range(steps):
     parts = [next(it) for it in local]

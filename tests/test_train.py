@@ -133,7 +133,7 @@ def _one_step(config, mesh, batch):
   state, shardings, rest = state_lib.create_train_state(model, tx, jax.random.key(0), mesh, rules)
   batch_sharding = sharding.batch_sharding(mesh, rules)
   step = step_lib.make_train_step(model, tx, objectives.get("causal_lm"), schedule, shardings,
-                                  rest, batch_sharding, mesh)
+                                  rest, batch_sharding, mesh, rules=rules)
   state, metrics = step(state, rest, pipeline.make_global_batch(batch, batch_sharding))
   state, metrics2 = step(state, rest, pipeline.make_global_batch(batch, batch_sharding))
   losses = (float(metrics["loss"]), float(metrics2["loss"]))

@@ -4,6 +4,7 @@ per-device parameter / optimizer / temporary bytes and compile seconds.
     python experiments/benchmark.py aot                                   # small + 1b, 256 devices
     python experiments/benchmark.py aot --sizes 1b --rules fsdp_tp --devices 256
     python experiments/benchmark.py aot --sizes 1b --num_layers 2         # quicker: 2 of 24 layers
+    python experiments/benchmark.py aot --sizes small --rules fsdp --activation_constraints 0
 
 Each (size, rule set) compiles in its own subprocess with
 `XLA_FLAGS=--xla_force_host_platform_device_count=DEVICES JAX_PLATFORMS=cpu`, so DEVICES
@@ -31,7 +32,9 @@ compile seconds (the state is built with `jax.eval_shape`: a few seconds more pe
 Activation memory depends on the reference attention's L x L logits (no blockwise switch in
 the config) and is the XLA CPU compiler's schedule, which differs from a TPU/GPU compiler's.
 --num_layers overrides the config's depth (parameters, optimizer state and the per-layer
-part of the temporaries scale linearly with it).
+part of the temporaries scale linearly with it). The step pins the activations by their
+logical names as the trainer does (`make_train_step(..., rules=rules)`);
+`--activation_constraints 0` compiles it without (XLA's propagation alone) for comparison.
 """
 from __future__ import annotations
 
@@ -79,7 +82,8 @@ def shard_bytes(abstract_tree, shardings) -> int:
 
 
 def compile_one(size: str, rules_name: str, shape: dict[str, int],
-                num_layers: int | None = None, return_compiled: bool = False):
+                num_layers: int | None = None, return_compiled: bool = False,
+                activation_constraints: bool = True):
   """In a process with enough (virtual) devices: lower + compile the train step abstractly.
   Returns the row (and the compiled executable if `return_compiled`)."""
   import jax
@@ -126,7 +130,8 @@ def compile_one(size: str, rules_name: str, shape: dict[str, int],
                                             sharding=batch_sharding))
   batch_shardings = jax.tree.map(lambda x: x.sharding, batch)
   train_step = step_lib.make_train_step(model, tx, objectives.get("causal_lm"), schedule,
-                                        shardings, rest, batch_shardings, mesh)
+                                        shardings, rest, batch_shardings, mesh,
+                                        rules=rules if activation_constraints else None)
   setup_s = time.perf_counter() - start
   start = time.perf_counter()
   lowered = train_step.lower(abstract_state, rest, batch)
@@ -151,6 +156,7 @@ def compile_one(size: str, rules_name: str, shape: dict[str, int],
                                                      "reduce-scatter", "all-to-all")}
   row = dict(
       size=size, layers=model_config.num_layers, rules=rules_name,
+      act_constraints=activation_constraints,
       mesh="x".join(str(shape[a]) for a in ("data", "fsdp", "tensor")),
       devices=jax.device_count(), params=model.param_count(), global_batch=global_batch,
       seq_len=seq_len, param_mib=param_b / MIB, opt_mib=opt_b / MIB,
@@ -166,13 +172,14 @@ def compile_one(size: str, rules_name: str, shape: dict[str, int],
 
 
 def run_child(size: str, rules: str, devices: int, fsdp: int, tensor: int,
-              num_layers: int | None, timeout: float) -> dict:
+              num_layers: int | None, timeout: float, activation_constraints: bool = True) -> dict:
   """compile_one in a subprocess with `devices` virtual CPU devices; a row (or its error)."""
   shape = mesh_shape(rules, devices, fsdp, tensor)
   env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT,
              XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
   cmd = [sys.executable, "-m", "experiments.benchmarks.aot", "--_child",
-         json.dumps(dict(size=size, rules_name=rules, shape=shape, num_layers=num_layers))]
+         json.dumps(dict(size=size, rules_name=rules, shape=shape, num_layers=num_layers,
+                         activation_constraints=activation_constraints))]
   start = time.perf_counter()
   try:
     out = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True,
@@ -190,9 +197,10 @@ def run_child(size: str, rules: str, devices: int, fsdp: int, tensor: int,
   return row
 
 
-COLUMNS = ["size", "layers", "rules", "mesh", "devices", "params", "global_batch", "seq_len",
-           "param_mib", "opt_mib", "args_mib", "args_minus_state_mib", "temp_mib", "peak_mib",
-           "shardings_match", "largest_array", "collectives", "compile_s", "error"]
+COLUMNS = ["size", "layers", "rules", "act_constraints", "mesh", "devices", "params",
+           "global_batch", "seq_len", "param_mib", "opt_mib", "args_mib",
+           "args_minus_state_mib", "temp_mib", "peak_mib", "shardings_match", "largest_array",
+           "collectives", "compile_s", "error"]
 
 
 def main(argv=None):
@@ -208,6 +216,9 @@ def main(argv=None):
   parser.add_argument("--num_layers", type=int, default=0,
                       help="override the config's layer count (0: the config's)")
   parser.add_argument("--timeout", type=float, default=1200, help="seconds per compile")
+  parser.add_argument("--activation_constraints", type=int, default=1, choices=[0, 1],
+                      help="1: pin activations by the rules' logical names as the trainer "
+                      "does; 0: no activation constraints (XLA's propagation only)")
   args = parser.parse_args(argv)
   if args._child:
     print(json.dumps(compile_one(**json.loads(args._child))), flush=True)
@@ -219,7 +230,7 @@ def main(argv=None):
     for rules in args.rules:
       fsdp = args.fsdp or (16 if rules == "fsdp" else 4)
       row = run_child(size, rules, args.devices, fsdp, args.tensor, args.num_layers or None,
-                      args.timeout)
+                      args.timeout, bool(args.activation_constraints))
       rows.append(row)
       print(f"# {row}", flush=True)
   from experiments.benchmarks.mfu import to_markdown

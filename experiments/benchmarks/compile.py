@@ -53,7 +53,7 @@ def _train_step_lowering(*, depth: int, scan: bool, d_model: int, seq_len: int, 
   batch_sharding = sharding.batch_sharding(mesh, rules)
   step = step_lib.make_train_step(model, tx, objective,
                                   state_lib.learning_rate_schedule(opt, 1000), shardings, rest,
-                                  batch_sharding, mesh)
+                                  batch_sharding, mesh, rules=rules)
   ints = jax.ShapeDtypeStruct((batch, seq_len), jnp.int32)
   batch_abstract = dict(inputs=ints, targets=ints, positions=ints, segment_ids=ints,
                         weights=jax.ShapeDtypeStruct((batch, seq_len), jnp.float32))

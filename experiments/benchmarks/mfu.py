@@ -1,11 +1,18 @@
 """Training-step model FLOPs utilisation (MFU) of the decoder against this machine's measured
-float32 matmul peak, both measured in the same run.
+matmul peak in the compute dtype, both measured in the same run.
 
     python experiments/benchmark.py mfu                       # d 1024, 8 layers, T 256, batch 8
     python experiments/benchmark.py mfu --profile --attention_impl reference xla
     python experiments/benchmark.py mfu --d_model 512 --seq_len 512 --tie 0 1   # decoder_lm small
+    python experiments/benchmark.py mfu --dtype bfloat16 --attention_impl cudnn  # GPU only
 
-Peak: jitted float32 `a @ b` of n x n matrices for n in --peak_sizes (2048, 4096), best of
+--dtype: the model's compute dtype (`config.model.dtype`); parameters and optimizer state
+stay float32 (`param_dtype`), as `--config.model.dtype=bfloat16` trains. The peak is
+measured in the same dtype. `--attention_impl cudnn` (`jax.nn.dot_product_attention`'s cuDNN
+kernel) needs a GPU backend and --dtype bfloat16; otherwise the benchmark stops before any
+work with a message saying so.
+
+Peak: jitted `a @ b` of n x n matrices in --dtype for n in --peak_sizes (2048, 4096), best of
 --peak_repeats calls each (`block_until_ready`); the highest is the peak. It is measured
 before and after each row's train steps and the higher of the two is used (the printed
 `peak_before_after` shows load changes during a row). Train step: the trainer's own path
@@ -57,13 +64,14 @@ from metalm_jax.train import step as step_lib
 
 # ----------------------------------------------------------------------------- peak
 
-def matmul_peak(sizes=(2048, 4096), repeats: int = 5) -> tuple[float, float]:
-  """(best, median) FLOP/s of a jitted float32 [n, n] @ [n, n], for the size n whose best
+def matmul_peak(sizes=(2048, 4096), repeats: int = 5,
+                dtype="float32") -> tuple[float, float]:
+  """(best, median) FLOP/s of a jitted [n, n] @ [n, n] in `dtype`, for the size n whose best
   is highest (the peak is the machine's best, so MFU is not flattered by a slow size)."""
   results = []
   for size in sizes:
-    a = jax.random.normal(jax.random.key(0), (size, size), jnp.float32)
-    b = jax.random.normal(jax.random.key(1), (size, size), jnp.float32)
+    a = jax.random.normal(jax.random.key(0), (size, size), jnp.dtype(dtype))
+    b = jax.random.normal(jax.random.key(1), (size, size), jnp.dtype(dtype))
     f = jax.jit(lambda a, b: a @ b).lower(a, b).compile()
     jax.block_until_ready(f(a, b))
     times = []
@@ -81,13 +89,14 @@ def matmul_peak(sizes=(2048, 4096), repeats: int = 5) -> tuple[float, float]:
 def model_config(*, vocab: int, d_model: int, num_layers: int, num_heads: int, d_ff: int,
                  seq_len: int, mlp_activation: str = "swiglu", position: str = "rope",
                  norm: str = "rmsnorm", tie: bool = False,
-                 attention_impl: str = "reference") -> dict:
-  """A `config.model` for the decoder (the keys configs/decoder_lm.py sets)."""
+                 attention_impl: str = "reference", dtype: str = "float32") -> dict:
+  """A `config.model` for the decoder (the keys configs/decoder_lm.py sets); `dtype` is the
+  compute dtype, parameters stay float32."""
   return dict(name="decoder", vocab_size=vocab, d_model=d_model, num_layers=num_layers,
               num_heads=num_heads, num_kv_heads=num_heads, d_ff=d_ff,
               mlp_activation=mlp_activation, position=position, max_len=max(2048, seq_len),
               dropout_rate=0.0, tie_embeddings=tie, norm=norm,
-              attention_impl=attention_impl, dtype="float32", param_dtype="float32")
+              attention_impl=attention_impl, dtype=dtype, param_dtype="float32")
 
 
 def matmul_param_count(params: dict) -> tuple[int, int]:
@@ -129,7 +138,7 @@ def setup(mconfig: dict, batch: int, seq_len: int, steps: int = 1000):
                                                         rules)
   batch_shardings = sharding.batch_sharding(mesh, rules)
   train_step = step_lib.make_train_step(model, tx, objectives.get("causal_lm"), schedule,
-                                        shardings, rest, batch_shardings, mesh)
+                                        shardings, rest, batch_shardings, mesh, rules=rules)
   data = jax.device_put(random_batch(np.random.default_rng(0), batch, seq_len,
                                      mconfig["vocab_size"]), batch_shardings)
   return model, state, rest, data, train_step
@@ -169,7 +178,8 @@ def matmul_only_step(mconfig: dict, batch: int, seq_len: int):
   gated = mconfig["mlp_activation"] == "swiglu"
   m = batch * seq_len
   key = jax.random.key(0)
-  mk = lambda *s: jax.random.normal(key, s, jnp.float32) * 0.01
+  dtype = jnp.dtype(mconfig.get("dtype", "float32"))  # the step's compute dtype
+  mk = lambda *s: (jax.random.normal(key, s, jnp.float32) * 0.01).astype(dtype)
   weights = dict(qkv=mk(layers, d, 3 * d), o=mk(layers, d, d),
                  wi=mk(layers, d, (2 if gated else 1) * f), wo=mk(layers, f, d), head=mk(d, v))
   x, x_ff = mk(m, d), mk(m, f)
@@ -200,8 +210,10 @@ def matmul_only_step(mconfig: dict, batch: int, seq_len: int):
 
 def measure(mconfig: dict, *, batch: int, seq_len: int, warmup: int, steps: int,
             peak_sizes: tuple[int, ...], peak_repeats: int, profile: bool = False) -> dict:
-  """One row: peak, step time, tokens/s, model FLOPs, MFU (and the profile split)."""
-  peak_before = matmul_peak(peak_sizes, peak_repeats)
+  """One row: peak, step time, tokens/s, model FLOPs, MFU (and the profile split); the peak
+  in the model's compute dtype."""
+  dtype = mconfig.get("dtype", "float32")
+  peak_before = matmul_peak(peak_sizes, peak_repeats, dtype)
   model, state, rest, data, train_step = setup(mconfig, batch, seq_len)
   start = time.perf_counter()
   compiled = train_step.lower(state, rest, data).compile()
@@ -210,7 +222,7 @@ def measure(mconfig: dict, *, batch: int, seq_len: int, warmup: int, steps: int,
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   xla_flops = float(cost.get("flops", float("nan"))) if cost else float("nan")
   times, state = _time_steps(compiled, state, rest, data, warmup, steps)
-  peak_after = matmul_peak(peak_sizes, peak_repeats)
+  peak_after = matmul_peak(peak_sizes, peak_repeats, dtype)
   peak = max(peak_before[0], peak_after[0])
   peak_median = statistics.median([peak_before[1], peak_after[1]])
   n_matmul, n_nonembed = matmul_param_count(model.abstract_params)
@@ -224,7 +236,7 @@ def measure(mconfig: dict, *, batch: int, seq_len: int, warmup: int, steps: int,
   row = dict(d_model=mconfig["d_model"], layers=mconfig["num_layers"],
              heads=mconfig["num_heads"], d_ff=mconfig["d_ff"], mlp=mconfig["mlp_activation"],
              vocab=mconfig["vocab_size"], tie=mconfig["tie_embeddings"],
-             attention=mconfig["attention_impl"], batch=batch, seq_len=seq_len,
+             attention=mconfig["attention_impl"], dtype=dtype, batch=batch, seq_len=seq_len,
              params=model.param_count(), n_matmul=n_matmul, step_ms=1e3 * step_s,
              best_step_ms=1e3 * best_s, tokens_per_s=tokens / step_s,
              model_gflops=achieved / 1e9, peak_gflops=peak / 1e9,
@@ -344,14 +356,15 @@ def profile_split(model, state, rest, data, compiled, mconfig, batch, seq_len, r
               matmul_only_over_step=mm_s / step_s, **shares)
 
 
-COLUMNS = ["d_model", "layers", "heads", "d_ff", "mlp", "vocab", "tie", "attention", "batch",
-           "seq_len", "params", "n_matmul", "step_ms", "tokens_per_s", "model_gflops",
+COLUMNS = ["d_model", "layers", "heads", "d_ff", "mlp", "vocab", "tie", "attention", "dtype",
+           "batch", "seq_len", "params", "n_matmul", "step_ms", "tokens_per_s", "model_gflops",
            "peak_gflops", "peak_before_after", "mfu", "mfu_best_step", "mfu_nonembed",
            "xla_flops_ratio", "compile_s"]
-PROFILE_COLUMNS = ["d_model", "layers", "attention", "batch", "seq_len", "step_ms", "fwd_ms",
-                   "fwdbwd_ms", "update_ms", "matmul_only_ms", "matmul_only_over_step",
-                   "thunk_ms_per_step", "matmul_share", "attention_elementwise_share",
-                   "logits_loss_share", "copy_share", "other_share", "update_share", "mfu"]
+PROFILE_COLUMNS = ["d_model", "layers", "attention", "dtype", "batch", "seq_len", "step_ms",
+                   "fwd_ms", "fwdbwd_ms", "update_ms", "matmul_only_ms",
+                   "matmul_only_over_step", "thunk_ms_per_step", "matmul_share",
+                   "attention_elementwise_share", "logits_loss_share", "copy_share",
+                   "other_share", "update_share", "mfu"]
 
 
 def to_markdown(rows, cols=COLUMNS) -> str:
@@ -364,6 +377,19 @@ def to_markdown(rows, cols=COLUMNS) -> str:
   lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
   lines += ["| " + " | ".join(fmt(r.get(c)) for c in cols) + " |" for r in rows]
   return "\n".join(lines)
+
+
+def check_args(attention_impls, dtype: str, backend: str) -> str | None:
+  """Why these flags cannot run on `backend` (a message for the command line), or None."""
+  if "cudnn" in attention_impls:
+    if backend != "gpu":
+      return (f"--attention_impl cudnn needs a GPU, but jax's default backend is {backend!r}; "
+              "run on a GPU machine (with the cuda extra installed) or use --attention_impl "
+              "xla / reference")
+    if dtype != "bfloat16":
+      return (f"--attention_impl cudnn needs bf16/fp16 inputs, but --dtype is {dtype}; "
+              "add --dtype bfloat16")
+  return None
 
 
 def main(argv=None):
@@ -379,7 +405,11 @@ def main(argv=None):
   parser.add_argument("--vocab", type=int, default=8192)
   parser.add_argument("--tie", type=int, nargs="+", default=[0], choices=[0, 1])
   parser.add_argument("--attention_impl", nargs="+", default=["xla"],
-                      choices=["reference", "xla", "blockwise"])
+                      choices=["reference", "xla", "blockwise", "cudnn"],
+                      help="cudnn: GPU only, with --dtype bfloat16")
+  parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                      help="compute dtype of the model and of the peak matmul (parameters "
+                      "and optimizer state stay float32)")
   parser.add_argument("--seq_len", type=int, nargs="+", default=[256])
   parser.add_argument("--batch", type=int, nargs="+", default=[8])
   parser.add_argument("--warmup", type=int, default=2)
@@ -389,8 +419,12 @@ def main(argv=None):
   parser.add_argument("--profile", action="store_true",
                       help="also time forward, forward+backward and a matmul-only twin")
   args = parser.parse_args(argv)
-  print(f"backend={jax.default_backend()} devices={jax.device_count()} float32; peak: best "
-        f"of {args.peak_repeats} n^2 matmuls, n in {args.peak_sizes}, before + after each row")
+  problem = check_args(args.attention_impl, args.dtype, jax.default_backend())
+  if problem:
+    parser.error(problem)
+  print(f"backend={jax.default_backend()} devices={jax.device_count()} {args.dtype}; peak: "
+        f"best of {args.peak_repeats} {args.dtype} n^2 matmuls, n in {args.peak_sizes}, before "
+        f"+ after each row")
   rows = []
   for d_model in args.d_model:
     d_ff = args.d_ff or (3 * d_model if args.mlp_activation == "swiglu" else 4 * d_model)
@@ -402,7 +436,7 @@ def main(argv=None):
                                    num_layers=args.num_layers, num_heads=args.num_heads,
                                    d_ff=d_ff, seq_len=seq_len, mlp_activation=args.mlp_activation,
                                    position=args.position, norm=args.norm, tie=bool(tie),
-                                   attention_impl=impl)
+                                   attention_impl=impl, dtype=args.dtype)
             row = measure(mconfig, batch=batch, seq_len=seq_len, warmup=args.warmup,
                           steps=args.steps, peak_sizes=tuple(args.peak_sizes),
                           peak_repeats=args.peak_repeats, profile=args.profile)

@@ -22,6 +22,11 @@ Scale options (config keys of the model):
                 the rest; 'dots_saveable' keeps matmul outputs and recomputes elementwise
                 work; 'names' keeps the tensors tagged with `checkpoint_name` in
                 each block (its attention or Mamba output and MLP output, SAVED_NAMES).
+
+Activation sharding: the residual stream is pinned to RESIDUAL_AXES after the embedding and
+after every block (inside the scan too), the logits to LOGITS_AXES, by
+`sharding.constrain_activation`: a no-op unless a train / eval step traces the model inside
+`sharding.activation_sharding(mesh, rules)`.
 """
 from __future__ import annotations
 
@@ -37,10 +42,14 @@ from metalm_jax.layers.embeddings import Embed, LearnedPositions, rope, sinusoid
 from metalm_jax.layers.masks import causal_mask, combine_masks, segment_mask
 from metalm_jax.layers.mlp import Mlp
 from metalm_jax.layers.norms import make_norm
+from metalm_jax.sharding import constrain_activation
 
 POSITIONS = ('rope', 'learned', 'sinusoidal')
 DropoutRngs = nnx.Rngs | jax.Array | None
 SAVED_NAMES = ('mixer_out', 'mlp_out')  # checkpoint_name tags: attention / Mamba, MLP
+# Logical axes of the residual stream [B, L, D] and of the logits [B, L, V] (sharding rules).
+RESIDUAL_AXES = ('activation_batch', 'activation_length', 'activation_embed')
+LOGITS_AXES = ('activation_batch', 'activation_length', 'activation_vocab')
 REMAT_POLICIES = {
     'none': None,
     'full': jax.checkpoint_policies.nothing_saveable,
@@ -64,7 +73,8 @@ def apply_blocks(blocks, x: jax.Array, call, *, scan: bool, remat: str,
   leading layer axis, run by `jax.lax.scan` (one traced and compiled block). Each layer
   gets its own dropout stream, split from one draw of `rngs` (None: no dropout). Blocks
   run as pure functions of their split state (`nnx.split` outside, `nnx.merge` inside), so
-  this also works where the module was merged at an outer trace level.
+  this also works where the module was merged at an outer trace level. Each block's output
+  [B, L, D] is pinned to RESIDUAL_AXES (a no-op outside `sharding.activation_sharding`).
   """
   policy = get_remat_policy(remat)
   if scan:
@@ -81,11 +91,14 @@ def apply_blocks(blocks, x: jax.Array, call, *, scan: bool, remat: str,
   if remat != 'none':  # under scan, the loop already keeps XLA from merging recomputation
     run = jax.checkpoint(run, policy=policy, static_argnums=(0,), prevent_cse=not scan)
   if scan:
-    return jax.lax.scan(lambda x, inp: (run(graphdef, inp[0], x, inp[1]), None),
-                        x, (state, keys))[0]
+    def body(x, inputs):
+      layer_state, key = inputs
+      return constrain_activation(run(graphdef, layer_state, x, key), RESIDUAL_AXES), None
+    return jax.lax.scan(body, x, (state, keys))[0]
   for i, block in enumerate(blocks):
     graphdef, state = nnx.split(block)
     x = run(graphdef, state, x, None if keys is None else keys[i])
+    x = constrain_activation(x, RESIDUAL_AXES)
   return x
 
 
@@ -205,12 +218,12 @@ class TokenLM:
     return x  # rope: inside attention; none: order comes from elsewhere (Mamba layers)
 
   def logits(self, hidden: jax.Array) -> jax.Array:
-    """Final normed hidden states [B, L, D] -> float32 logits [B, L, V]."""
+    """Final normed hidden states [B, L, D] -> float32 logits [B, L, V] (LOGITS_AXES)."""
     if self.head is None:
       out = self.embedder.attend(hidden) / np.sqrt(self.d_model)
     else:
       out = self.head(hidden)
-    return out.astype(jnp.float32)
+    return constrain_activation(out, LOGITS_AXES).astype(jnp.float32)
 
   def _embed_inputs(self, tokens, embeddings, positions, deterministic: bool,
                     rngs: DropoutRngs) -> tuple[jax.Array, jax.Array, nnx.Rngs | None]:
@@ -229,7 +242,7 @@ class TokenLM:
       rngs = nnx.Rngs(dropout=rngs)
     x = self.embed_dropout(self.add_positions(x, positions),
                            deterministic=deterministic, rngs=rngs)
-    return x, positions, rngs if train else None
+    return constrain_activation(x, RESIDUAL_AXES), positions, rngs if train else None
 
   def _inputs(self, tokens, embeddings) -> jax.Array:
     if (tokens is None) == (embeddings is None):

@@ -110,6 +110,9 @@ class HybridDecoder(TokenLM, nnx.Module):
   Parameters: token table ('vocab', 'embed'); per layer norms, attention (A) or Mamba (M)
   mixer, MLP; final norm; output head ('embed', 'vocab') unless `tie_embeddings`.
   `remat_policy` as `Decoder`'s; the layers are heterogeneous, so they are never scanned.
+  Activation sharding as `Decoder`'s (shared `TokenLM` / `apply_blocks`): the residual stream
+  after the embedding and each layer, and the logits, are pinned by logical names inside a
+  train / eval step (`sharding.activation_sharding`).
   """
 
   def __init__(self, *, vocab_size: int, d_model: int, num_layers: int, num_heads: int,

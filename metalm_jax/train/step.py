@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from metalm_jax import sharding
 from metalm_jax.objectives import Objective
 from metalm_jax.train.state import Model, TrainState
 
@@ -18,9 +19,13 @@ def replicated(mesh, tree) -> Any:
 
 def make_train_step(model: Model, tx: optax.GradientTransformation, objective: Objective,
                     schedule: optax.Schedule, state_shardings, rest, batch_shardings, mesh, *,
-                    skip_nonfinite: bool = False):
+                    rules: sharding.Rules | None = None, skip_nonfinite: bool = False):
   """Returns `train_step(state, rest, batch) -> (state, metrics)`, jitted with explicit
   in/out shardings and the old state's buffers donated.
+
+  With `rules` (the config's sharding rules), the model's activations are pinned by their
+  logical names (`sharding.activation_sharding`: batch over the data axes, logits' vocab as
+  the rules say); None leaves their sharding to XLA's propagation from the inputs.
 
   With `skip_nonfinite`, an update whose loss or gradient norm is NaN/inf is dropped
   (parameters and optimizer state unchanged) and counted in `state.nonfinite_skips`.
@@ -31,7 +36,8 @@ def make_train_step(model: Model, tx: optax.GradientTransformation, objective: O
 
     def loss_fn(params):
       module = model.merge(params, rest)
-      return objective.loss(module, batch, deterministic=False, rng=dropout_rng)
+      with sharding.activation_sharding(mesh, rules):
+        return objective.loss(module, batch, deterministic=False, rng=dropout_rng)
 
     (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
@@ -58,13 +64,14 @@ def make_train_step(model: Model, tx: optax.GradientTransformation, objective: O
 
 
 def make_eval_step(model: Model, objective: Objective, state_shardings, rest, batch_shardings,
-                   mesh):
+                   mesh, *, rules: sharding.Rules | None = None):
   """Returns `eval_step(params, rest, batch) -> metrics` (token-weighted sums, for exact means
-  over a whole split)."""
+  over a whole split); `rules` as for `make_train_step`."""
 
   def eval_step(params, rest, batch):
     module = model.merge(params, rest)
-    _, metrics = objective.loss(module, batch, deterministic=True)
+    with sharding.activation_sharding(mesh, rules):
+      _, metrics = objective.loss(module, batch, deterministic=True)
     tokens = metrics["tokens"]
     return {"loss_sum": metrics["loss"] * tokens, "accuracy_sum": metrics["accuracy"] * tokens,
             "tokens": tokens}

@@ -129,10 +129,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   start_step = int(state.step)
 
   train_step = step_lib.make_train_step(model, tx, objective, schedule, state_shardings, rest,
-                                        batch_shardings, mesh,
+                                        batch_shardings, mesh, rules=rules,
                                         skip_nonfinite=config.nan_policy == "skip")
   eval_step = step_lib.make_eval_step(model, objective, state_shardings, rest,
-                                      batch_shardings, mesh)
+                                      batch_shardings, mesh, rules=rules)
 
   def evaluate(params) -> dict[str, float]:
     totals = {"loss_sum": 0.0, "accuracy_sum": 0.0, "tokens": 0.0}
