@@ -7,6 +7,7 @@ r"""Benchmarks by name: `python experiments/benchmark.py NAME [--json FILE] [NAM
   python experiments/benchmark.py gpt2                                    # train step vs torch GPT-2
   python experiments/benchmark.py aot --sizes small 1b                    # compile for 256 devices
   python experiments/benchmark.py compile --depths 2 8 32              # compile time vs depth, scan
+  python experiments/benchmark.py fusion --plot                          # mPLUG skip vs connected fusion
   python experiments/benchmark.py hybrid --help                           # a benchmark's own flags
 
 Each benchmark prints a markdown table to stdout; `--json FILE` also appends one JSON object
@@ -32,6 +33,7 @@ BENCHMARKS = {
     "gpt2": "experiments.benchmarks.gpt2",
     "aot": "experiments.benchmarks.aot",
     "compile": "experiments.benchmarks.compile",
+    "fusion": "experiments.benchmarks.fusion",
 }
 
 

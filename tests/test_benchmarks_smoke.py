@@ -77,3 +77,68 @@ def test_aot_mesh_and_shard_bytes(devices8):
   tree = {"w": jax.ShapeDtypeStruct((8, 6), np.float32), "s": jax.ShapeDtypeStruct((), np.int32)}
   shardings = {"w": NamedSharding(mesh, P("fsdp", "tensor")), "s": NamedSharding(mesh, P())}
   assert aot.shard_bytes(tree, shardings) == 4 * 3 * 4 + 4
+
+
+def test_mfu_cudnn_off_gpu_stops_before_any_work(capsys):
+  if jax.default_backend() == "gpu":
+    pytest.skip("checks the message on a machine without a GPU")
+  with pytest.raises(SystemExit):
+    mfu.main(["--attention_impl", "cudnn", "--dtype", "bfloat16"])
+  assert "--attention_impl cudnn needs a GPU" in capsys.readouterr().err
+  assert "add --dtype bfloat16" in mfu.check_args(["cudnn"], "float32", "gpu")
+  assert mfu.check_args(["cudnn"], "bfloat16", "gpu") is None
+
+
+def test_mfu_bfloat16_peak_and_model():
+  """--dtype bfloat16: a bf16 peak matmul, bf16 compute with float32 parameters (no train
+  step compiled here: bf16 training is tested in test_optimizer_features)."""
+  best, median = mfu.matmul_peak((64,), 1, "bfloat16")
+  assert best >= median > 0
+  mconfig = mfu.model_config(**TINY, dtype="bfloat16")
+  assert mconfig["dtype"] == "bfloat16" and mconfig["param_dtype"] == "float32"
+  model = state_lib.Model(mconfig)
+  assert {x.dtype for x in jax.tree.leaves(model.abstract_params)} == {np.dtype("float32")}
+
+
+def test_fusion_flops_match_xla_cost_analysis():
+  """fusion benchmark: analytic FLOPs vs XLA's count of the benchmarked forward and gradient,
+  lowered from an abstract network (nothing is initialised, compiled or run)."""
+  from flax import nnx
+
+  from experiments.benchmarks import fusion
+  from metalm_jax.models import SkipConnectedFusion
+
+  sizes = dict(batch=2, image_tokens=37, text_tokens=7, d_model=48, d_ff=96)
+  patterns = [fusion.config_pattern(c, 3, 2) for c in fusion.CONFIGS]
+  assert patterns == ["AAC", "CCC", "AAA"]
+  for pattern in patterns:
+    net = nnx.eval_shape(lambda: SkipConnectedFusion(
+        num_layers=3, stride=2, d_model=48, num_heads=4, d_ff=96, pattern=pattern,
+        rngs=nnx.Rngs(0)))
+    forward, grad, args = fusion.fusion_fns(net, batch=2, image_tokens=37, text_tokens=7,
+                                            d_model=48)
+    analytic = fusion.fusion_flops(pattern, **sizes)
+    # XLA also counts softmax, norms, GELU and biases: ~10-15% above the matmuls here.
+    assert 1.0 <= fusion._xla_flops(jax.jit(forward).lower(*args)) / analytic < 1.25
+    if pattern == "AAC":  # forward + backward = 3x the forward's matmuls
+      assert 3.0 <= fusion._xla_flops(jax.jit(grad).lower(*args)) / analytic < 3.75
+
+
+def test_fusion_ratios_summary_and_plot(tmp_path):
+  from experiments.benchmarks import fusion
+
+  rows = [dict(image_tokens=p, config=c, pattern=fusion.config_pattern(c, 6, 3),
+               fwd_ms=ms, fwdbwd_ms=3 * ms, gflops_fwd=g)
+          for p, scale in ((16, 1), (64, 4))
+          for c, ms, g in (("skip", 2.0 * scale, 10.0), ("connected", 8.0 * scale, 37.0),
+                           ("asymmetric", 1.0 * scale, 5.0))]
+  fusion.add_ratios(rows)
+  connected = rows[1]
+  assert connected["time_vs_skip_fwd"] == connected["time_vs_skip_fwdbwd"] == 4.0
+  assert connected["flops_vs_skip"] == 3.7 and rows[2]["time_vs_skip_fwd"] == 0.5
+  assert "fwd 4.00x" in fusion.summary(rows) and ": met" in fusion.summary(rows)
+  assert "NOT met" in fusion.summary(rows, target=5.0)
+  assert fusion.to_markdown(rows).count("\n") == len(rows) + 1
+  path = tmp_path / "img" / "fusion_cost.png"
+  fusion.plot(rows, str(path))
+  assert path.stat().st_size > 0
