@@ -84,6 +84,21 @@ def base_config() -> ml_collections.ConfigDict:
   return c
 
 
+def mplug_defaults() -> ml_collections.ConfigDict:
+  """`config.mplug`: the mPLUG pretraining objective's settings (configs/mplug.py; read by
+  experiments/mplug_digits.py). Only configs whose model is 'mplug' may have this section."""
+  c = ml_collections.ConfigDict()
+  # Weight of each loss in the sum; 0 switches an objective off (it is not computed).
+  c.loss_weights = ml_collections.ConfigDict({"itc": 1.0, "itm": 1.0, "mlm": 1.0,
+                                              "prefix_lm": 1.0})
+  c.alpha = 0.4  # momentum-distillation weight of the ITC soft targets
+  c.alpha_warmup_steps = 0  # > 0: alpha ramps linearly from 0 over these steps (ALBEF)
+  c.momentum_decay = 0.995  # EMA decay of the momentum encoders
+  c.queue_size = 65536  # ITC feature queue length (>= the global batch)
+  c.mask_rate = 0.15  # MLM: fraction of caption tokens picked
+  return c
+
+
 def parse_config_args(arg: str | None, **defaults: str) -> dict[str, str]:
   """A config file's argument string: 'size=small,runlocal=1' -> {'size': 'small', ...}.
 
@@ -279,6 +294,11 @@ def _check_optimizer(config: ml_collections.ConfigDict) -> None:
 def validate(config: ml_collections.ConfigDict) -> None:
   """Raises ConfigError for unknown keys, ill-typed values and inconsistent settings."""
   schema = base_config()
+  if "mplug" in config:
+    if config.model.name != "mplug":
+      raise ConfigError(f"config.mplug is only read for config.model.name='mplug' (this config's "
+                        f"model is {config.model.name!r}); remove it.")
+    schema.mplug = mplug_defaults()
   _check_against(config, schema, "config")
   for key in ("model", "data", "optimizer", "sample"):
     if key not in config:

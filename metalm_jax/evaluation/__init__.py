@@ -11,6 +11,7 @@ from metalm_jax.evaluation.harness import evaluate_vqa
 from metalm_jax.evaluation.harness import select_shots
 from metalm_jax.evaluation.metrics import accuracy
 from metalm_jax.evaluation.metrics import normalize_answer
+from metalm_jax.evaluation.metrics import retrieval_recall
 from metalm_jax.evaluation.metrics import vqa_accuracy
 from metalm_jax.evaluation.metrics import vqa_score
 from metalm_jax.evaluation.prompts import CAPTION_PROMPT

@@ -59,6 +59,33 @@ def accuracy(predictions: Sequence, labels: Sequence) -> float:
   return sum(p == l for p, l in zip(predictions, labels)) / len(predictions)
 
 
+def retrieval_recall(scores, relevant, ks: Sequence[int] = (1, 5, 10)) -> dict[str, float]:
+  """Recall@k of a retrieval: the fraction of queries with a relevant item among their k
+  highest-scoring candidates (ties broken by candidate index, as a stable sort does).
+
+  Args:
+    scores: float [Q, C], higher = ranked earlier.
+    relevant: bool [Q, C], True where candidate c is a correct answer to query q; every query
+      needs at least one.
+    ks: the cut-offs.
+
+  Returns:
+    {'R@1': ..., 'R@5': ..., ...} in [0, 1].
+  """
+  import numpy as np  # local: the rest of this module is pure Python
+  scores, relevant = np.asarray(scores), np.asarray(relevant, bool)
+  if scores.shape != relevant.shape or scores.ndim != 2:
+    raise ValueError(f"scores {scores.shape} and relevant {relevant.shape} must both be "
+                     "[queries, candidates].")
+  if not relevant.any(axis=1).all():
+    raise ValueError(f"{int((~relevant.any(axis=1)).sum())} queries have no relevant candidate; "
+                     "recall is undefined for them: drop them or fix the relevance matrix.")
+  order = np.argsort(-scores, axis=1, kind="stable")
+  hits = np.take_along_axis(relevant, order, axis=1)
+  first = hits.argmax(axis=1)  # rank of the first relevant candidate
+  return {f"R@{k}": float(np.mean(first < k)) for k in ks}
+
+
 def _check_lengths(predictions, references):
   if len(predictions) != len(references):
     raise ValueError(f"{len(predictions)} predictions but {len(references)} references; "

@@ -14,6 +14,8 @@ from metalm_jax.models.hybrid import HybridDecoder
 MODELS = {'decoder': Decoder, 'hybrid': HybridDecoder}
 from metalm_jax.models.metalm import MetaLM  # noqa: E402
 MODELS['metalm'] = MetaLM
+from metalm_jax.models.mplug import MPlug, SkipConnectedFusion, fusion_pattern  # noqa: E402
+MODELS['mplug'] = MPlug
 
 
 def build_model(name: str, *, rngs: nnx.Rngs, **kwargs) -> nnx.Module:
@@ -29,5 +31,5 @@ def build_model(name: str, *, rngs: nnx.Rngs, **kwargs) -> nnx.Module:
   return cls(**kwargs, rngs=rngs)
 
 
-__all__ = ['MODELS', 'Decoder', 'DecoderBlock', 'build_model', 'flops_per_token',
-           'param_count']
+__all__ = ['MODELS', 'Decoder', 'DecoderBlock', 'MPlug', 'MetaLM', 'SkipConnectedFusion',
+           'build_model', 'flops_per_token', 'fusion_pattern', 'param_count']

@@ -63,6 +63,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   'sample' (unless stopped)}.
   """
   config_lib.validate(config)
+  if config.model.name == "mplug":
+    raise config_lib.ConfigError(
+        "config.model.name='mplug': mPLUG pretraining keeps momentum encoders and ITC queues in "
+        "its train state (metalm_jax.train.mplug), which this trainer does not; run "
+        "`python experiments/mplug_digits.py --config=configs/mplug.py` instead.")
   _check_workdir(workdir)
   is_main = jax.process_index() == 0
 
