@@ -86,6 +86,9 @@ FAMILIES = {
                         why="the resampler's first layer is the linear connector: covers both"),
     "metalm_vl": Family("metalm_vl", "size=tiny", overrides=(("vision_encoder.d_model", 128),),
                         why="ViT wider than the text encoder (128 vs 64): builds vision_projection"),
+    "mplug": Family("mplug", "size=tiny", overrides=(("vision_encoder.d_model", 128),),
+                    why="fusion layers of both kinds (AAACAA), the seq2seq decoder, ITC/ITM/MLM "
+                        "heads; ViT 128 wide vs 64: builds vision_projection"),
 }
 RULE_SET_NAMES = tuple(sharding.RULE_SETS)
 CASES = [(f, r) for f in FAMILIES for r in RULE_SET_NAMES]
