@@ -4,6 +4,11 @@
     source = data_source("pydoc_topics", "train", data_dir)
     source[0]  # {'topic': b'assert', 'text': b'The "assert" statement ...'}
 
+The official benchmarks (`official.BUILDERS`: vqav2, ok_vqa, coco_karpathy, nlvr2,
+flickr30k_karpathy) read files you download yourself from a manual dir (default
+`<data_dir>/downloads/manual`): `prepare("vqav2", data_dir, manual_dir=...)`. A name may
+pick a builder config, TFDS-style: `prepare("vqav2/short_side_384", ...)`.
+
 Reading never prepares implicitly: a missing dataset raises `DatasetNotPreparedError`, whose
 message gives the command that prepares it (preparing inside a multi-process training job
 would race).
@@ -14,11 +19,13 @@ from typing import Any
 import tensorflow_datasets as tfds
 
 from metalm_jax.data import digits
+from metalm_jax.data import official
 from metalm_jax.data import pydoc_corpus
 
 DATASETS: dict[str, type[tfds.core.DatasetBuilder]] = {
     "pydoc_topics": pydoc_corpus.PydocTopics,
     "digits_vl": digits.DigitsVl,
+    **official.BUILDERS,
 }
 
 
@@ -37,17 +44,25 @@ def prepare_command(name: str, data_dir: str) -> str:
 
 
 def get_builder(name: str, data_dir: str | None = None) -> tfds.core.DatasetBuilder:
-  """Returns the (possibly unprepared) builder of a registered dataset."""
-  if name not in DATASETS:
-    raise ValueError(f"Unknown dataset {name!r}; known datasets: {sorted(DATASETS)}.")
-  return DATASETS[name](data_dir=data_dir or default_data_dir())
+  """Returns the (possibly unprepared) builder of a registered dataset ('name[/config]')."""
+  base, _, config = name.partition("/")
+  if base not in DATASETS:
+    raise ValueError(f"Unknown dataset {base!r}; known datasets: {sorted(DATASETS)}.")
+  kwargs = {"config": config} if config else {}
+  return DATASETS[base](data_dir=data_dir or default_data_dir(), **kwargs)
 
 
-def prepare(name: str, data_dir: str | None = None) -> tfds.core.DatasetBuilder:
-  """Generates dataset `name` under `data_dir` unless already there; returns its builder."""
+def prepare(name: str, data_dir: str | None = None,
+            manual_dir: str | None = None) -> tfds.core.DatasetBuilder:
+  """Generates dataset `name` under `data_dir` unless already there; returns its builder.
+
+  `manual_dir`: where the official files of a manually downloaded dataset are (default
+  `<data_dir>/downloads/manual`); see `official.instructions(name)`.
+  """
   builder = get_builder(name, data_dir)
   if not builder.is_prepared():
-    builder.download_and_prepare()
+    config = tfds.download.DownloadConfig(manual_dir=manual_dir) if manual_dir else None
+    builder.download_and_prepare(download_config=config)
   return builder
 
 
@@ -55,7 +70,7 @@ def data_source(name: str, split: str, data_dir: str | None = None) -> Any:
   """Random-access source over one split of a prepared dataset.
 
   Args:
-    name: a key of `DATASETS`.
+    name: a key of `DATASETS`, optionally with a builder config: 'vqav2/short_side_384'.
     split: a split name, or a TFDS split expression such as 'train[:50%]'.
     data_dir: where the dataset was prepared (default: `default_data_dir()`).
 
@@ -70,9 +85,11 @@ def data_source(name: str, split: str, data_dir: str | None = None) -> Any:
   data_dir = data_dir or default_data_dir()
   builder = get_builder(name, data_dir)
   if not builder.is_prepared():
+    manual = (f"\n(after putting its official files under {data_dir}/downloads/manual; "
+              "see docs/reproducing.md)" if builder.MANUAL_DOWNLOAD_INSTRUCTIONS else "")
     raise DatasetNotPreparedError(
         f"Dataset {name!r} is not prepared in data_dir={data_dir!r} (no {builder.data_path}). "
-        f"Prepare it once with:\n  {prepare_command(name, data_dir)}")
+        f"Prepare it once with:\n  {prepare_command(name, data_dir)}{manual}")
   sizes = {s: builder.info.splits[s].num_examples for s in sorted(builder.info.splits)}
   for part in split.split("+"):
     if part.split("[")[0].strip() not in sizes:
