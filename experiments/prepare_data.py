@@ -2,6 +2,10 @@ r"""Prepares a registered dataset (array_record files) and, optionally, its toke
 
     python experiments/prepare_data.py --dataset=pydoc_topics --data_dir=/tmp/metalm_data
     python experiments/prepare_data.py --tokenizer_vocab_size=2048   # + SentencePiece model
+    python experiments/prepare_data.py --dataset=vqav2/short_side_384 --manual_dir=/data/manual
+
+Official datasets (vqav2, ok_vqa, coco_karpathy, nlvr2, flickr30k_karpathy) are built from
+files you download: --manual_dir (default <data_dir>/downloads/manual); docs/reproducing.md.
 
 Data goes to --data_dir (default: $METALM_DATA_DIR, else ~/.cache/metalm_jax/data). Running
 it again is quick: prepared datasets and cached tokenizers are reused.
@@ -12,8 +16,11 @@ from absl import flags
 from metalm_jax.data import datasets
 from metalm_jax.data import tokenizers
 
-_DATASET = flags.DEFINE_enum("dataset", "pydoc_topics", sorted(datasets.DATASETS),
-                             "Dataset to prepare.")
+_DATASET = flags.DEFINE_string("dataset", "pydoc_topics", "Dataset to prepare, 'name' or "
+                               f"'name/config'; names: {sorted(datasets.DATASETS)}.")
+_MANUAL_DIR = flags.DEFINE_string("manual_dir", None, "Where the official files of a "
+                                  "manually downloaded dataset are (default: "
+                                  "<data_dir>/downloads/manual).")
 _DATA_DIR = flags.DEFINE_string(
     "data_dir", None, "Data directory (default: $METALM_DATA_DIR, else "
     "~/.cache/metalm_jax/data).")
@@ -25,7 +32,9 @@ _TOKENIZER_VOCAB_SIZE = flags.DEFINE_integer(
 def main(argv):
   del argv
   data_dir = _DATA_DIR.value or datasets.default_data_dir()
-  builder = datasets.prepare(_DATASET.value, data_dir)
+  if _DATASET.value.partition("/")[0] not in datasets.DATASETS:
+    raise app.UsageError(f"--dataset={_DATASET.value!r}; known: {sorted(datasets.DATASETS)}")
+  builder = datasets.prepare(_DATASET.value, data_dir, manual_dir=_MANUAL_DIR.value)
   print(f"Dataset {_DATASET.value!r} is in {builder.data_path}")
   for split, info in sorted(builder.info.splits.items()):
     print(f"  {split}: {info.num_examples} examples")
