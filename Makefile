@@ -23,13 +23,19 @@ demo: $(STAMP)
 	rm -rf $(DEMO_WORKDIR)
 	$(BIN)/python experiments/train.py --config=configs/decoder_lm.py --workdir=$(DEMO_WORKDIR)
 
+# Test processes (pytest-xdist). The suite is bound by single-threaded XLA compilation, so 2
+# workers on CI's 2 cores nearly halve it; each test file stays on one worker (--dist
+# loadfile: its module fixtures and compilations are shared). TEST_WORKERS=0 runs in-process.
+TEST_WORKERS ?= 2
+PYTEST := $(BIN)/python -m pytest -q $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile)
+
 # The test suite without the tests marked slow (CI runs this).
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -m "not slow" tests
+	$(PYTEST) -m "not slow" tests
 
 # Everything, the slow tests included.
 test-all: $(STAMP)
-	$(BIN)/python -m pytest -q tests
+	$(PYTEST) tests
 
 clean:
 	rm -rf $(VENV) workdirs .pytest_cache *.egg-info

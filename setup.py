@@ -20,6 +20,12 @@ INSTALL_REQUIRES = [
     "tensorboardX==2.6.5",
     "tqdm==4.70.1",
     "scikit-learn==1.9.1",  # ships the real handwritten-digits images (bundled VL data)
+    # Caption metrics (metalm_jax/evaluation/caption_metrics.py): BLEU-4 and CIDEr-D from the
+    # COCO caption evaluation, ROUGE-L from rouge-score, nltk's Treebank tokenizer in place of
+    # the Java PTBTokenizer. pycocoevalcap pulls in pycocotools.
+    "pycocoevalcap==1.2",
+    "rouge-score==0.1.2",
+    "nltk==3.10.4",
 ]
 
 EXTRAS_REQUIRE = {
@@ -28,6 +34,7 @@ EXTRAS_REQUIRE = {
     "tpu": ["jax[tpu]==0.10.2"],
     "test": [
         "pytest==9.2.0",
+        "pytest-xdist==3.8.0",  # make test runs 2 workers (Makefile TEST_WORKERS)
         "hypothesis==6.170.15",
         "nbclient==0.11.0",  # executes notebooks/ in the test suite
         "ipykernel==7.4.0",

@@ -1,13 +1,24 @@
-"""Answer metrics: VQA-style exact match after normalisation, and plain accuracy.
+"""Answer metrics: the official VQA accuracy, SQuAD exact match / token F1, accuracy, recall@k.
 
-`normalize_answer` is a simplified form of the official VQA evaluation's processing:
-lowercase; punctuation removed (a period between digits, as in "2.5", is kept); the
-articles a / an / the dropped; number words "zero" .. "ten" (and "none") written as
-digits, as VQA does, so "Seven." and "7" match; whitespace collapsed.
+Two normalisations live here, each a faithful port of an official evaluation script (neither
+has a maintained package):
 
-    normalize_answer("The Seven.") == "7"
-    vqa_accuracy(["seven", "odd"], ["7", "even"]) == 0.5
+- `normalize_vqa_answer`: the VQA evaluation's `processPunctuation` + `processDigitArticle`
+  (github.com/GT-Vision-Lab/VQA, PythonEvaluationTools/vqaEvaluation/vqaEval.py, master):
+  punctuation removed or turned into a space by the script's own rules, a period kept only
+  before a digit, lowercase, number words "none"/"zero" .. "ten" as digits, articles dropped,
+  apostrophe-less contractions restored ("dont" -> "don't"). `vqa_score` uses it.
+- `normalize_squad_answer`: SQuAD's `normalize_answer` (rajpurkar.github.io/SQuAD-explorer,
+  evaluate-v2.0.py; v1.1 is the same): lowercase, every `string.punctuation` character
+  deleted, articles dropped, whitespace collapsed. `exact_match` and `token_f1` use it.
+
+`normalize_answer` is the older, simplified VQA-style normaliser (kept for its callers).
+
+    normalize_vqa_answer("Two dogs!") == "2 dogs"
+    vqa_score("two", ["2"] * 2 + ["3"] * 8) == 0.6  # leave-one-out: (2 * 1/3 + 8 * 2/3) / 10
+    token_f1("the cat sat", ["a cat sat down"]) == 0.8
 """
+import collections
 import re
 import string
 from typing import Sequence
@@ -20,39 +31,213 @@ _PUNCTUATION = re.compile("[" + re.escape(string.punctuation.replace(".", "")) +
 
 
 def normalize_answer(answer: str) -> str:
-  """Lowercase, no punctuation or articles, number words as digits, single spaces."""
+  """Simplified VQA-style normalisation (not the official one: see `normalize_vqa_answer`).
+
+  Lowercase; punctuation removed (a period between digits, as in "2.5", is kept); the
+  articles a / an / the dropped; number words "zero" .. "ten" (and "none") written as digits;
+  whitespace collapsed.  normalize_answer("The Seven.") == "7"
+  """
   answer = _PERIOD_NOT_IN_NUMBER.sub(" ", answer.lower())
   answer = _PUNCTUATION.sub(" ", answer)
   words = [NUMBER_WORDS.get(w, w) for w in answer.split() if w not in ARTICLES]
   return " ".join(words)
 
 
-def vqa_score(prediction: str, answers: str | Sequence[str]) -> float:
-  """Score of one prediction against one reference or a list of human answers.
+# ------------------------------------------------------------------ official VQA normalisation
+# The tables and rules of vqaEval.py (GT-Vision-Lab/VQA, master), copied as they are, quirks
+# included: the keys of VQA_CONTRACTIONS are matched after lowercasing, so its capitalised keys
+# ("Im", "Ive", "Id've", "I'dve") never match, and "somebody'd" maps to "somebodyd".
+VQA_CONTRACTIONS = {
+    "aint": "ain't", "arent": "aren't", "cant": "can't", "couldve": "could've",
+    "couldnt": "couldn't", "couldn'tve": "couldn't've", "couldnt've": "couldn't've",
+    "didnt": "didn't", "doesnt": "doesn't", "dont": "don't", "hadnt": "hadn't",
+    "hadnt've": "hadn't've", "hadn'tve": "hadn't've", "hasnt": "hasn't", "havent": "haven't",
+    "hed": "he'd", "hed've": "he'd've", "he'dve": "he'd've", "hes": "he's", "howd": "how'd",
+    "howll": "how'll", "hows": "how's", "Id've": "I'd've", "I'dve": "I'd've", "Im": "I'm",
+    "Ive": "I've", "isnt": "isn't", "itd": "it'd", "itd've": "it'd've", "it'dve": "it'd've",
+    "itll": "it'll", "let's": "let's", "maam": "ma'am", "mightnt": "mightn't",
+    "mightnt've": "mightn't've", "mightn'tve": "mightn't've", "mightve": "might've",
+    "mustnt": "mustn't", "mustve": "must've", "neednt": "needn't", "notve": "not've",
+    "oclock": "o'clock", "oughtnt": "oughtn't", "ow's'at": "'ow's'at", "'ows'at": "'ow's'at",
+    "'ow'sat": "'ow's'at", "shant": "shan't", "shed've": "she'd've", "she'dve": "she'd've",
+    "she's": "she's", "shouldve": "should've", "shouldnt": "shouldn't",
+    "shouldnt've": "shouldn't've", "shouldn'tve": "shouldn't've", "somebody'd": "somebodyd",
+    "somebodyd've": "somebody'd've", "somebody'dve": "somebody'd've",
+    "somebodyll": "somebody'll", "somebodys": "somebody's", "someoned": "someone'd",
+    "someoned've": "someone'd've", "someone'dve": "someone'd've", "someonell": "someone'll",
+    "someones": "someone's", "somethingd": "something'd", "somethingd've": "something'd've",
+    "something'dve": "something'd've", "somethingll": "something'll", "thats": "that's",
+    "thered": "there'd", "thered've": "there'd've", "there'dve": "there'd've",
+    "therere": "there're", "theres": "there's", "theyd": "they'd", "theyd've": "they'd've",
+    "they'dve": "they'd've", "theyll": "they'll", "theyre": "they're", "theyve": "they've",
+    "twas": "'twas", "wasnt": "wasn't", "wed've": "we'd've", "we'dve": "we'd've",
+    "weve": "we've", "werent": "weren't", "whatll": "what'll", "whatre": "what're",
+    "whats": "what's", "whatve": "what've", "whens": "when's", "whered": "where'd",
+    "wheres": "where's", "whereve": "where've", "whod": "who'd", "whod've": "who'd've",
+    "who'dve": "who'd've", "wholl": "who'll", "whos": "who's", "whove": "who've",
+    "whyll": "why'll", "whyre": "why're", "whys": "why's", "wont": "won't",
+    "wouldve": "would've", "wouldnt": "wouldn't", "wouldnt've": "wouldn't've",
+    "wouldn'tve": "wouldn't've", "yall": "y'all", "yall'll": "y'all'll", "y'allll": "y'all'll",
+    "yall'd've": "y'all'd've", "y'alld've": "y'all'd've", "y'all'dve": "y'all'd've",
+    "youd": "you'd", "youd've": "you'd've", "you'dve": "you'd've", "youll": "you'll",
+    "youre": "you're", "youve": "you've"}
+# vqaEval.py's `punct`: note that ':', "'", '.', '#', '$', '%', '&', '*', '|', '~' and '^'
+# are not in it (a period has its own rule; the others are kept).
+VQA_PUNCTUATION = (";", "/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_", "-",
+                   ">", "<", "@", "`", ",", "?", "!")
+# vqaEval.py's periodStrip "(?!<=\d)(\.)(?!\d)": its "(?!<=\d)" is a negative *lookahead*
+# for the text "<=digit" (a typo for a lookbehind) and never fails in front of a period, so
+# the rule is "delete every period not followed by a digit" ("5." -> "5", "2.5" stays).
+_VQA_PERIOD = re.compile(r"(?!<=\d)(\.)(?!\d)")
+_VQA_DIGIT_COMMA_DIGIT = re.compile(r"(\d)(\,)(\d)")
+# vqaEval.py calls periodStrip.sub("", text, re.UNICODE): the third positional argument of
+# Pattern.sub is `count`, so at most re.UNICODE == 32 periods go. Kept for exactness.
+_VQA_PERIOD_COUNT = int(re.UNICODE)
 
-  With one reference: normalised exact match (0 or 1). With several (VQA's 10 human
-  answers): the official VQA accuracy, the mean over the leave-one-out subsets of
-  min(#matching answers / 3, 1).
+
+def vqa_process_punctuation(text: str) -> str:
+  """vqaEval.py's `processPunctuation`, rule for rule.
+
+  Each mark of `VQA_PUNCTUATION` is deleted when the *input* has it next to a space
+  ("red, blue" -> "red blue") or has a digit-comma-digit anywhere ("1,000" -> "1000"),
+  and otherwise becomes a space ("red,blue" -> "red blue", "t-shirt" -> "t shirt"); then
+  periods not followed by a digit are deleted ("st.louis" -> "stlouis"). No lowercasing.
+  """
+  out = text
+  drop_all = _VQA_DIGIT_COMMA_DIGIT.search(text) is not None
+  for p in VQA_PUNCTUATION:
+    if p + " " in text or " " + p in text or drop_all:
+      out = out.replace(p, "")
+    else:
+      out = out.replace(p, " ")
+  return _VQA_PERIOD.sub("", out, count=_VQA_PERIOD_COUNT)
+
+
+def vqa_process_digit_article(text: str) -> str:
+  """vqaEval.py's `processDigitArticle`: lowercase, split on whitespace, number words
+  (`NUMBER_WORDS`, the script's manualMap) as digits, articles dropped, then contractions
+  written without their apostrophe restored (`VQA_CONTRACTIONS`), words joined by spaces."""
+  words = [NUMBER_WORDS.get(w, w) for w in text.lower().split()]
+  words = [w for w in words if w not in ARTICLES]
+  return " ".join(VQA_CONTRACTIONS.get(w, w) for w in words)
+
+
+def normalize_vqa_answer(answer: str) -> str:
+  """The official VQA normalisation of an answer: what vqaEval.py applies to a prediction
+  (newlines and tabs as spaces, stripped, `vqa_process_punctuation`, then
+  `vqa_process_digit_article`).  normalize_vqa_answer("Two dogs!") == "2 dogs"
+  """
+  answer = answer.replace("\n", " ").replace("\t", " ").strip()
+  return vqa_process_digit_article(vqa_process_punctuation(answer))
+
+
+def vqa_score(prediction: str, answers: str | Sequence[str], *,
+              official_references: bool = False) -> float:
+  """The VQA accuracy of one prediction against its human answers (or one reference).
+
+  The prediction and each answer are normalised with `normalize_vqa_answer`; the score is
+  vqaEval.py's: for each of the N (10 in VQA) human answers, min(#matches among the other
+  N-1 answers / 3, 1), averaged over the N leave-one-out subsets. So of 10 human answers,
+  4 or more matching give 1.0, 3 give 0.9, 2 give 0.6, 1 gives 0.3. With one reference it
+  is a normalised exact match (0 or 1).
+
+  Args:
+    prediction: the model's answer.
+    answers: the human answers (or one reference string).
+    official_references: False (default) normalises the references exactly like the
+      prediction, so raw references ("Seven.", "two") can be used. True treats the
+      references exactly as vqaEval.py does, for reproducing published numbers on VQA's
+      released (already normalised) annotations: the references are only passed through
+      `vqa_process_punctuation` (no lowercasing, number words or articles), and only when
+      they are not all identical. (vqaEval.py has no single-reference case.)
   """
   if isinstance(answers, str):
     answers = [answers]
   if not answers:
     raise ValueError("vqa_score needs at least one reference answer, got none.")
-  prediction = normalize_answer(prediction)
-  matches = [normalize_answer(a) == prediction for a in answers]
+  prediction = normalize_vqa_answer(prediction)
+  if official_references:  # (vqaEval.py does not strip the references either)
+    if len(set(answers)) > 1:
+      answers = [vqa_process_punctuation(a) for a in answers]
+  else:
+    answers = [normalize_vqa_answer(a) for a in answers]
+  matches = [a == prediction for a in answers]
   if len(matches) == 1:
     return float(matches[0])
   total = sum(matches)
   return sum(min((total - m) / 3.0, 1.0) for m in matches) / len(matches)
 
 
-def vqa_accuracy(predictions: Sequence[str],
-                 references: Sequence[str | Sequence[str]]) -> float:
-  """Mean `vqa_score` over examples (0.0 .. 1.0)."""
+def vqa_accuracy(predictions: Sequence[str], references: Sequence[str | Sequence[str]], *,
+                 official_references: bool = False) -> float:
+  """Mean `vqa_score` over examples (0.0 .. 1.0; vqaEval.py reports it x100)."""
   _check_lengths(predictions, references)
-  return sum(vqa_score(p, r) for p, r in zip(predictions, references)) / len(predictions)
+  return sum(vqa_score(p, r, official_references=official_references)
+             for p, r in zip(predictions, references)) / len(predictions)
 
 
+# ------------------------------------------------------------------ SQuAD exact match and F1
+_SQUAD_ARTICLES = re.compile(r"\b(a|an|the)\b", re.UNICODE)
+_SQUAD_PUNCTUATION = frozenset(string.punctuation)
+
+
+def normalize_squad_answer(text: str) -> str:
+  """SQuAD's `normalize_answer` (evaluate-v2.0.py): lowercase, delete every character of
+  `string.punctuation`, replace the words a / an / the by a space, collapse whitespace.
+  normalize_squad_answer("The Eiffel-Tower!") == "eiffeltower"
+  """
+  text = "".join(ch for ch in text.lower() if ch not in _SQUAD_PUNCTUATION)
+  return " ".join(_SQUAD_ARTICLES.sub(" ", text).split())
+
+
+def _squad_f1(prediction: str, reference: str) -> float:
+  """SQuAD's `compute_f1` (evaluate-v2.0.py): bag-of-tokens F1 of the normalised answers;
+  when either has no token, 1.0 if both have none, else 0.0."""
+  pred, gold = normalize_squad_answer(prediction).split(), normalize_squad_answer(reference).split()
+  if not pred or not gold:
+    return float(pred == gold)
+  same = sum((collections.Counter(pred) & collections.Counter(gold)).values())
+  if same == 0:
+    return 0.0
+  precision, recall = same / len(pred), same / len(gold)
+  return 2 * precision * recall / (precision + recall)
+
+
+def _as_references(references: str | Sequence[str]) -> Sequence[str]:
+  references = [references] if isinstance(references, str) else references
+  if not references:
+    raise ValueError("Need at least one reference answer, got none.")
+  return references
+
+
+def exact_match(prediction: str, references: str | Sequence[str]) -> float:
+  """SQuAD exact match: 1.0 if the normalised prediction equals any normalised reference
+  (`normalize_squad_answer`), else 0.0 (the max over references, as SQuAD takes it)."""
+  pred = normalize_squad_answer(prediction)
+  return float(any(pred == normalize_squad_answer(r) for r in _as_references(references)))
+
+
+def token_f1(prediction: str, references: str | Sequence[str]) -> float:
+  """SQuAD token F1: the best bag-of-words F1 between the normalised prediction and any
+  normalised reference.  token_f1("the cat sat", "a cat sat down") == 0.8"""
+  return max(_squad_f1(prediction, r) for r in _as_references(references))
+
+
+def mean_exact_match(predictions: Sequence[str],
+                     references: Sequence[str | Sequence[str]]) -> float:
+  """Mean `exact_match` over examples (0.0 .. 1.0; SQuAD's script reports it x100)."""
+  _check_lengths(predictions, references)
+  return sum(exact_match(p, r) for p, r in zip(predictions, references)) / len(predictions)
+
+
+def mean_token_f1(predictions: Sequence[str],
+                  references: Sequence[str | Sequence[str]]) -> float:
+  """Mean `token_f1` over examples (0.0 .. 1.0; SQuAD's script reports it x100)."""
+  _check_lengths(predictions, references)
+  return sum(token_f1(p, r) for p, r in zip(predictions, references)) / len(predictions)
+
+
+# ------------------------------------------------------------------ accuracy and retrieval
 def accuracy(predictions: Sequence, labels: Sequence) -> float:
   """Fraction of predictions equal to their label (no normalisation)."""
   _check_lengths(predictions, labels)
