@@ -43,6 +43,7 @@ from metalm_jax import sharding
 from metalm_jax.data import datasets
 from metalm_jax.data import digits
 from metalm_jax.data import vl_pipeline
+from metalm_jax.evaluation import caption_metrics
 from metalm_jax.evaluation import prompts as prompts_lib
 from metalm_jax.inference import mplug as mplug_inference
 from metalm_jax.objectives import mplug as mplug_objectives
@@ -263,7 +264,9 @@ def evaluate_captioning(module, tokenizer, data: dict, *, beam_size: int, max_ne
                                          max_new_tokens=max_new, beam_size=beam_size)
     predictions += decode_texts(tokenizer, np.asarray(tokens)[:, 0])
   exact = [evaluation.vqa_score(p, r) for p, r in zip(predictions, caps["texts"])]
+  scores = caption_metrics.caption_scores([[r] for r in caps["texts"]], predictions)
   return {"exact_match": float(np.mean(exact)), "num_images": len(predictions),
+          "bleu4": scores["BLEU-4"], "cider_d": scores["CIDEr-D"], "rouge_l": scores["ROUGE-L"],
           "samples": list(zip(predictions[:5], caps["texts"][:5]))}
 
 
@@ -329,7 +332,9 @@ def markdown(results: dict) -> str:
                    f"{pct(v['rank']['accuracy'])} | {per_q} |")
   c = results["captioning"]
   lines += ["", f"Zero-shot captioning (beam {results['beam_size']}, from the image alone): "
-            f"exact match {pct(c['exact_match'])}% of {c['num_images']} images."]
+            f"exact match {pct(c['exact_match'])}% of {c['num_images']} images; CIDEr-D "
+            f"{100 * c['cider_d']:.1f}, BLEU-4 {pct(c['bleu4'])}, ROUGE-L {pct(c['rouge_l'])} "
+            "(one reference per image)."]
   return "\n".join(lines)
 
 
