@@ -119,13 +119,18 @@ HYBRID_TOKENS_TINY = (576, 2304)
 def hybrid_latency(*, tiny: bool, workdir: str, data_dir: str | None) -> list[dict]:
   """Hybrid (Jamba 1:7) vs attention forward latency vs visual tokens (paper: ~4x faster at
   high resolution, the gap widening)."""
-  del workdir, data_dir
+  del data_dir
   from benchmarks import hybrid as hybrid_bench
   start = time.time()
   tokens = HYBRID_TOKENS_TINY if tiny else HYBRID_TOKENS_FULL
   rows = hybrid_bench.run(lengths=[t + 64 for t in tokens], paths=("blockwise",), repeats=3,
                           d_model=64, num_layers=8, num_heads=4, d_ff=192)
   compute = f"{time.time() - start:.0f} s on {_cpu()}"
+  os.makedirs(workdir, exist_ok=True)  # the raw rows and the latency / memory plot
+  name = "hybrid_latency" + ("_tiny" if tiny else "")
+  with open(os.path.join(workdir, f"{name}_rows.json"), "w") as f:
+    json.dump(rows, f, indent=1)
+  hybrid_bench.plot(rows, os.path.join(workdir, f"{name}.png"))
   out = []
   for t in tokens:
     ratio = hybrid_bench.best_ratios(rows).get(t + 64)
