@@ -149,7 +149,6 @@ def test_configs_validate_and_twins_have_equal_parameter_counts():
     load_config("hybrid_lm", "size=test,schedule=MAM")
 
 
-@pytest.mark.slow  # ~30 s; the decoder's twin (tests/test_train.py) stays in `make test`
 def test_sharded_step_equals_single_device(pydoc_data_dir, devices8):
   config = ml_collections.ConfigDict(load_config("hybrid_lm", "size=test").to_dict())
   config.data.data_dir = pydoc_data_dir

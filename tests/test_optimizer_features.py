@@ -129,7 +129,6 @@ def saved_state(workdir, step=None):
   return {checkpoint_lib._path_str(p): np.asarray(x) for p, x in flat}
 
 
-@pytest.mark.slow  # ~38 s; the accumulation equivalence above stays in `make test`
 def test_trainer_with_accumulation_finishes_and_resumes_mid_accumulation(
     pydoc_data_dir, tmp_path, monkeypatch):
   # Checkpoints at steps 3 and 6: step 3 is the first micro-batch of the 2nd update.
