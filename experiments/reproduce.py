@@ -41,8 +41,12 @@ TINY_NOTE = ("--tiny: tiny configs on the bundled 8x8 digits data (or random tok
 
 
 def _cpu() -> str:
+  """The machine, for the compute column: accelerators by count and kind, or the CPU cores."""
   import jax
-  return f"{jax.device_count()} x {jax.devices()[0].device_kind}"
+  device = jax.devices()[0]
+  if device.platform == "cpu":
+    return f"{os.cpu_count()}-core CPU"
+  return f"{jax.device_count()} x {device.device_kind}"
 
 
 # ---------------------------------------------------------------- tables
