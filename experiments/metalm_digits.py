@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import collections
 import functools
-import importlib.util
 import json
 import os
 import time
@@ -42,6 +41,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from metalm_jax import config as config_lib
 from metalm_jax import evaluation
 from metalm_jax import objectives
 from metalm_jax import sharding
@@ -55,19 +55,7 @@ from metalm_jax.train import state as state_lib
 from metalm_jax.train import step as step_lib
 
 MODELS = ("metalm", "causal")
-_CONFIG_PATH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                            "configs", "metalm_vl.py")
-
-
-def _load_config_module():
-  """configs/metalm_vl.py as a module (configs/ is a folder of files, not a package)."""
-  spec = importlib.util.spec_from_file_location("metalm_vl_config", _CONFIG_PATH)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
-
-
-metalm_vl = _load_config_module()
+metalm_vl = config_lib.config_module("metalm_vl")
 
 _WORKDIR = flags.DEFINE_string("workdir", "workdirs/metalm_digits", "Where results go.")
 _DATA_DIR = flags.DEFINE_string("data_dir", None, "digits_vl data directory (prepared with "

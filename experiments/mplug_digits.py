@@ -24,7 +24,6 @@ Results go to {workdir}/results.json and results.md (the table in docs/results.m
 from __future__ import annotations
 
 import collections
-import importlib.util
 import json
 import os
 import time
@@ -37,6 +36,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from metalm_jax import config as config_lib
 from metalm_jax import evaluation
 from metalm_jax import objectives
 from metalm_jax import sharding
@@ -51,19 +51,7 @@ from metalm_jax.train import mplug as mplug_train
 from metalm_jax.train import state as state_lib
 from metalm_jax.train import step as step_lib
 
-_CONFIG_PATH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                            "configs", "mplug.py")
-
-
-def _load_config_module():
-  """configs/mplug.py as a module (configs/ is a folder of files, not a package)."""
-  spec = importlib.util.spec_from_file_location("mplug_config", _CONFIG_PATH)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
-
-
-mplug_config = _load_config_module()
+mplug_config = config_lib.config_module("mplug")
 
 _WORKDIR = flags.DEFINE_string("workdir", "workdirs/mplug_digits", "Where results go.")
 _DATA_DIR = flags.DEFINE_string("data_dir", None, "digits_vl data directory (default: "

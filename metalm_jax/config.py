@@ -9,7 +9,9 @@ value types, and checks `config.model` against the chosen model's constructor.
 from __future__ import annotations
 
 import difflib
+import importlib.util
 import inspect
+import os
 import re
 from typing import Any
 
@@ -82,6 +84,22 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.progress_bar = True
   return c
+
+
+CONFIGS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+
+
+def config_module(name: str):
+  """`configs/<name>.py` of this checkout as a module (configs/ is a folder of files, not a
+  package), e.g. `config_module("mplug").SIZES` or `.get_config("size=tiny")`."""
+  path = os.path.join(CONFIGS_DIR, f"{name}.py")
+  if not os.path.exists(path):
+    known = sorted(f[:-3] for f in os.listdir(CONFIGS_DIR) if f.endswith(".py"))
+    raise ValueError(f"no config file {path}; configs: {known}")
+  spec = importlib.util.spec_from_file_location(f"configs_{name}", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
 
 
 def mplug_defaults() -> ml_collections.ConfigDict:

@@ -1,5 +1,4 @@
 """Config schema: unknown or ill-typed keys are errors that name the key and the valid ones."""
-import importlib.util
 import os
 
 import ml_collections
@@ -11,10 +10,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def load_config(name, arg=None):
-  spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "configs", f"{name}.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg)
+  return config_lib.config_module(name).get_config(arg)
 
 
 @pytest.mark.parametrize("size", ["test", "tiny", "small", "1b"])

@@ -1,5 +1,4 @@
 """mPLUG: skip-connected fusion, seq2seq decoder, ITC / ITM / MLM / PrefixLM, the train state."""
-import importlib.util
 import os
 
 import jax
@@ -23,10 +22,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def load_mplug_config_module():
-  spec = importlib.util.spec_from_file_location("mplug_config", f"{ROOT}/configs/mplug.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+  return config_lib.config_module("mplug")
 
 
 # The smallest model with both layer kinds ("AC"): compile time is dominated by per-parameter

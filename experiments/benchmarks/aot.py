@@ -39,7 +39,6 @@ logical names as the trainer does (`make_train_step(..., rules=rules)`);
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import math
 import os
@@ -53,11 +52,8 @@ MIB = 2 ** 20
 
 
 def load_config(size: str):
-  spec = importlib.util.spec_from_file_location("decoder_lm",
-                                                os.path.join(ROOT, "configs", "decoder_lm.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(f"size={size}")
+  from metalm_jax import config as config_lib  # after the XLA flags are set
+  return config_lib.config_module("decoder_lm").get_config(f"size={size}")
 
 
 def mesh_shape(rules: str, devices: int, fsdp: int, tensor: int) -> dict[str, int]:
