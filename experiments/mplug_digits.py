@@ -46,6 +46,7 @@ from metalm_jax.data import vl_pipeline
 from metalm_jax.evaluation import caption_metrics
 from metalm_jax.evaluation import prompts as prompts_lib
 from metalm_jax.inference import mplug as mplug_inference
+from metalm_jax.models import mplug as mplug_model
 from metalm_jax.objectives import mplug as mplug_objectives
 from metalm_jax.train import mplug as mplug_train
 from metalm_jax.train import state as state_lib
@@ -344,14 +345,14 @@ def run(*, workdir: str, data_dir: str | None, size: str, seed: int, pretrain_st
       text_len=config.model.text_encoder.max_len, limit=limit)
   train, evaluation_data = load("train"), load(eval_split, eval_limit)
   model = state_lib.Model(config.model)
-  logging.info("mPLUG %s: %d parameters, fusion %s", size, model.param_count(),
-               model.merge(*model.init(jax.random.key(0))).fusion.pattern)
+  pattern = mplug_model.fusion_pattern(config.model.fusion.num_layers, config.model.fusion.stride)
+  logging.info("mPLUG %s: %d parameters, fusion %s", size, model.param_count(), pattern)
   params, rest, pre = pretrain(config, model, train["caption"], steps=pretrain_steps,
                                seed=seed, log_every=log_every)
   module = model.merge(params, rest)
   max_caption = max(len(tokenizer.encode(t)) for t in train["caption"]["texts"]) + 1
   max_answer = max(len(tokenizer.encode(t)) for t in train["vqa"]["answers"]) + 1
-  results = {"size": size, "params": model.param_count(), "fusion_pattern": module.fusion.pattern,
+  results = {"size": size, "params": model.param_count(), "fusion_pattern": pattern,
              "pretrain_steps": pretrain_steps, "finetune_steps": finetune_steps,
              "eval_split": eval_split, "beam_size": beam_size, "rerank_k": rerank_k,
              "batch_size": config.batch_size, "pretrain": pre}

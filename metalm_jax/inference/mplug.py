@@ -52,7 +52,7 @@ def generate(module, images: jax.Array, tokens: jax.Array, *, max_new_tokens: in
 @nnx.jit
 def _answer_scores(module, images, tokens, answers):
   memory, valid = module.encode(images, tokens)  # [B, M, D]
-  batch, num_answers, length = images.shape[0], answers.shape[0], answers.shape[1]
+  num_answers = answers.shape[0]
   inputs = jnp.concatenate([jnp.full((num_answers, 1), module.bos_id, jnp.int32),
                             answers[:, :-1]], axis=1)
   weights = (answers != module.pad_id).astype(jnp.float32)
@@ -64,7 +64,6 @@ def _answer_scores(module, images, tokens, answers):
     token_logp = jnp.take_along_axis(logp, answers[..., None], axis=-1)[..., 0]
     return jnp.sum(token_logp * weights, axis=-1)
 
-  del batch, length
   return jax.lax.map(lambda mv: one(*mv), (memory, valid))
 
 

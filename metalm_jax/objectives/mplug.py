@@ -249,18 +249,19 @@ def pretrain_loss(model, momentum_model, batch: Mapping, queues: Mapping, rng: j
   # One text-encoder call and one fusion call serve every objective (fewer, larger ops:
   # faster to compile and to run): the encoder reads [caption; masked caption; prefix], the
   # fusion [ITM's 3B pairs; MLM's B; PrefixLM's B].
-  texts = [text]
+  names, texts = ['caption'], [text]
   if w['mlm']:
     corrupted, picked = mlm_mask(keys['mlm_mask'], text, mask_id=model.mask_id,
                                  vocab_size=model.vocab_size, pad_id=model.pad_id,
                                  bos_id=model.bos_id, eos_id=model.eos_id, mask_rate=mask_rate)
+    names.append('mlm')
     texts.append(corrupted)
   if w['prefix_lm']:
     split = prefix_split(keys['prefix'], text, pad_id=model.pad_id, bos_id=model.bos_id)
+    names.append('prefix_lm')
     texts.append(split['encoder_tokens'])
   encoded = model.encode_text(jnp.concatenate(texts), rngs=keys['text'], **drop)
-  encoded = dict(zip(('caption', 'mlm' if w['mlm'] else 'prefix_lm', 'prefix_lm'),
-                     jnp.split(encoded, len(texts))))
+  encoded = dict(zip(names, jnp.split(encoded, len(texts))))
   text_features = encoded['caption']
   metrics, losses = {}, {}
 
