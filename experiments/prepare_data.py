@@ -6,6 +6,8 @@ r"""Prepares a registered dataset (array_record files) and, optionally, its toke
 
 Official datasets (vqav2, ok_vqa, coco_karpathy, nlvr2, flickr30k_karpathy) are built from
 files you download: --manual_dir (default <data_dir>/downloads/manual); docs/reproducing.md.
+So are the text tasks (squad_v1, superglue/{boolq,cb,rte,copa}, cnn_dailymail); see
+metalm_jax/data/text_tasks.py.
 
 Data goes to --data_dir (default: $METALM_DATA_DIR, else ~/.cache/metalm_jax/data). Running
 it again is quick: prepared datasets and cached tokenizers are reused.

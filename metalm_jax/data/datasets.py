@@ -6,8 +6,10 @@
 
 The official benchmarks (`official.BUILDERS`: vqav2, ok_vqa, coco_karpathy, nlvr2,
 flickr30k_karpathy) read files you download yourself from a manual dir (default
-`<data_dir>/downloads/manual`): `prepare("vqav2", data_dir, manual_dir=...)`. A name may
-pick a builder config, TFDS-style: `prepare("vqav2/short_side_384", ...)`.
+`<data_dir>/downloads/manual`): `prepare("vqav2", data_dir, manual_dir=...)`; so do the
+text-to-text tasks of `text_tasks.BUILDERS` (squad_v1, superglue/{boolq,cb,rte,copa},
+cnn_dailymail). A name may pick a builder config, TFDS-style:
+`prepare("vqav2/short_side_384", ...)`, `prepare("superglue/cb", ...)`.
 
 Reading never prepares implicitly: a missing dataset raises `DatasetNotPreparedError`, whose
 message gives the command that prepares it (preparing inside a multi-process training job
@@ -21,11 +23,13 @@ import tensorflow_datasets as tfds
 from metalm_jax.data import digits
 from metalm_jax.data import official
 from metalm_jax.data import pydoc_corpus
+from metalm_jax.data import text_tasks
 
 DATASETS: dict[str, type[tfds.core.DatasetBuilder]] = {
     "pydoc_topics": pydoc_corpus.PydocTopics,
     "digits_vl": digits.DigitsVl,
     **official.BUILDERS,
+    **text_tasks.BUILDERS,
 }
 
 
