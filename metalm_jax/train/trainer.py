@@ -9,6 +9,7 @@ import itertools
 import logging
 import math
 import os
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -31,6 +32,10 @@ from metalm_jax.train import step as step_lib
 logger = logging.getLogger(__name__)
 
 
+# The split the trainer evaluates on (experiments/evaluate.py's default --split).
+EVAL_SPLIT = "validation"
+
+
 class NonFiniteLossError(FloatingPointError):
   """The loss became NaN or inf; the message names the step and the checkpoint kept."""
 
@@ -51,6 +56,45 @@ def load_tokenizer(data_config) -> tokenizers.Tokenizer:
   return tokenizers.get_tokenizer(
       data_config.tokenizer, dataset=data_config.dataset,
       data_dir=data_config.data_dir or None, vocab_size=data_config.vocab_size)
+
+
+def make_evaluator(config: ml_collections.ConfigDict, eval_step, rest, batch_shardings, *,
+                   source, tokenizer: tokenizers.Tokenizer, objective: objectives.Objective,
+                   num_batches: int | None = None,
+                   on_batch: Callable[[dict[str, float]], None] | None = None):
+  """The trainer's evaluation: returns `evaluate(params) -> {'loss', 'perplexity', 'accuracy',
+  'tokens'}`, token-weighted over one deterministic pass of `source`.
+
+  Args:
+    config: the training config (batch size, sequence length, `eval_batches`).
+    eval_step: `step.make_eval_step(...)`.
+    rest: the module's non-parameter state.
+    batch_shardings: the batch sharding on the mesh.
+    source: the data source of the split to evaluate (`datasets.data_source`).
+    tokenizer: the config's tokenizer.
+    objective: the config's objective (its `prepare` transforms the rows).
+    num_batches: the first this many batches; None = `config.eval_batches`; 0 = all of them.
+    on_batch: called after each batch with the running totals (progress display).
+  """
+  local_batch = config.batch_size // jax.process_count()
+  limit = config.eval_batches if num_batches is None else num_batches
+
+  def evaluate(params) -> dict[str, float]:
+    totals = {"loss_sum": 0.0, "accuracy_sum": 0.0, "tokens": 0.0}
+    batches = pipeline.eval_batches(
+        source, tokenizer, seq_len=config.data.seq_len, batch_size=local_batch,
+        process_index=jax.process_index(), process_count=jax.process_count(),
+        prepare=objective.prepare)
+    # Every process yields the same number of batches, so a prefix stays in step too.
+    for batch in itertools.islice(batches, limit or None):
+      out = eval_step(params, rest, pipeline.make_global_batch(batch, batch_shardings))
+      for k, v in jax.device_get(out).items():
+        totals[k] += float(v)
+      if on_batch is not None:
+        on_batch(totals)
+    return step_lib.summarize_eval(totals)
+
+  return evaluate
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
@@ -85,7 +129,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   # ---------------------------------------------------------------- input
   data_dir = config.data.data_dir or datasets.default_data_dir()
   train_source = datasets.data_source(config.data.dataset, "train", data_dir)
-  eval_source = datasets.data_source(config.data.dataset, "validation", data_dir)
+  eval_source = datasets.data_source(config.data.dataset, EVAL_SPLIT, data_dir)
   tokenizer = load_tokenizer(config.data)
   model_kwargs = dict(config.model)
   vocab_size = model_kwargs.get("vocab_size") or dict(model_kwargs.get("decoder") or {}).get(
@@ -139,18 +183,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   eval_step = step_lib.make_eval_step(model, objective, state_shardings, rest,
                                       batch_shardings, mesh, rules=rules)
 
-  def evaluate(params) -> dict[str, float]:
-    totals = {"loss_sum": 0.0, "accuracy_sum": 0.0, "tokens": 0.0}
-    batches = pipeline.eval_batches(
-        eval_source, tokenizer, seq_len=config.data.seq_len, batch_size=local_batch,
-        process_index=jax.process_index(), process_count=jax.process_count(),
-        prepare=objective.prepare)
-    # Every process yields the same number of batches, so a prefix stays in step too.
-    for batch in itertools.islice(batches, config.eval_batches or None):
-      out = eval_step(params, rest, pipeline.make_global_batch(batch, batch_shardings))
-      for k, v in jax.device_get(out).items():
-        totals[k] += float(v)
-    return step_lib.summarize_eval(totals)
+  evaluate = make_evaluator(config, eval_step, rest, batch_shardings, source=eval_source,
+                            tokenizer=tokenizer, objective=objective)
 
   # ---------------------------------------------------------------- loop
   writer = metrics_lib.MetricWriter(workdir, enabled=is_main)
