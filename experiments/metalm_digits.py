@@ -44,15 +44,13 @@ import numpy as np
 from metalm_jax import config as config_lib
 from metalm_jax import evaluation
 from metalm_jax import objectives
-from metalm_jax import sharding
 from metalm_jax.data import datasets
 from metalm_jax.data import digits
-from metalm_jax.data import pipeline
 from metalm_jax.data import vl_pipeline
 from metalm_jax.evaluation import prompts as prompts_lib
 from metalm_jax.objectives import semi_causal_lm
+from metalm_jax.train import loop
 from metalm_jax.train import state as state_lib
-from metalm_jax.train import step as step_lib
 
 MODELS = ("metalm", "causal")
 metalm_vl = config_lib.config_module("metalm_vl")
@@ -117,44 +115,13 @@ def experiment_config(size: str, *, seq_len: int, prefix: int, batch_size: int |
 def train(config, model: state_lib.Model, objective: objectives.Objective, source, tokenizer,
           *, steps: int, seed: int, tasks: Sequence[str] | None = None,
           init_params=None, log_every: int = 50, name: str = "") -> tuple[dict, object, dict]:
-  """Trains `steps` steps of `objective` on `source` from fresh or given parameters.
-
-  Returns:
-    (params, rest, {'seconds': wall time, 'final_loss': mean loss of the last 10% of steps,
-     'losses': [loss per logged step]}).
-  """
-  mesh = sharding.make_mesh(config.mesh)
-  rules = config.sharding_rules
-  tx = state_lib.make_optimizer(config.optimizer, steps)
-  schedule = state_lib.learning_rate_schedule(config.optimizer, steps)
-  state, state_shardings, rest = state_lib.create_train_state(
-      model, tx, jax.random.key(seed), mesh, rules)
-  if init_params is not None:  # finetuning: pretrained weights, a fresh optimizer
-    params = jax.tree.map(jnp.copy, init_params)
-    # Placed as the step's outputs are, so the first and later steps share one compilation.
-    state = jax.device_put(state.replace(params=params, opt_state=tx.init(params)),
-                           state_shardings)
-  # Batch features have ranks 1..5: shard only the leading (batch) axis.
-  batch_shardings = sharding.batch_sharding(mesh, rules, ndim=1)
-  train_step = step_lib.make_train_step(model, tx, objective, schedule, state_shardings, rest,
-                                        batch_shardings, mesh, rules=rules)
-  batches = iter(vl_pipeline.vl_dataset(
+  """Trains `steps` steps of `objective` on the `digits_vl` rows of `source` (`tasks` only)
+  from fresh or given parameters; see `loop.train_on_batches`."""
+  batches = vl_pipeline.vl_dataset(
       source, tokenizer, seq_len=config.data.seq_len, batch_size=config.batch_size, seed=seed,
-      tasks=tasks, prepare=objective.prepare))
-  start, losses, tail = time.time(), [], []
-  for i in range(steps):
-    batch = pipeline.make_global_batch(next(batches), batch_shardings)
-    state, metrics = train_step(state, rest, batch)
-    if i >= steps - max(1, steps // 10):
-      tail.append(float(metrics["loss"]))
-    if (i + 1) % log_every == 0 or i + 1 == steps:
-      loss = float(metrics["loss"])
-      losses.append((i + 1, loss))
-      logging.info("%s step %d/%d loss %.4f (%.1f s)", name, i + 1, steps, loss,
-                   time.time() - start)
-  jax.block_until_ready(state.params)
-  return state.params, rest, {"seconds": time.time() - start,
-                              "final_loss": float(np.mean(tail)), "losses": losses}
+      tasks=tasks, prepare=objective.prepare)
+  return loop.train_on_batches(config, model, objective, batches, steps=steps, seed=seed,
+                               init_params=init_params, log_every=log_every, name=name)
 
 
 # ---------------------------------------------------------------- prompts -> model rows
