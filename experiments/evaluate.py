@@ -34,10 +34,8 @@ from typing import Any
 from absl import app, flags
 from ml_collections import config_flags
 
-import grain
 import jax
 import ml_collections
-import orbax.checkpoint as ocp
 
 from metalm_jax import config as config_lib
 from metalm_jax import objectives
@@ -45,6 +43,7 @@ from metalm_jax import sharding
 from metalm_jax.data import datasets
 from metalm_jax.train import checkpoint as checkpoint_lib
 from metalm_jax.train import metrics as metrics_lib
+from metalm_jax.train import restore
 from metalm_jax.train import state as state_lib
 from metalm_jax.train import step as step_lib
 from metalm_jax.train import trainer
@@ -78,112 +77,11 @@ RUNTIME_MODEL_KEYS = frozenset({"dropout_rate", "attention_impl", "blockwise_thr
 _DATA_KEYS = ("dataset", "tokenizer", "vocab_size", "seq_len")
 
 
-class CheckpointNotFoundError(FileNotFoundError):
-  """--checkpoint names no checkpoint; the message says what is there instead."""
+CheckpointNotFoundError = restore.CheckpointNotFoundError
 
 
 class ConfigMismatchError(ValueError):
   """The checkpoint was trained with other config.model values than --config."""
-
-
-# ------------------------------------------------------------------------ locating the step
-
-
-def _listing(path: str, limit: int = 10) -> str:
-  try:
-    entries = sorted(os.listdir(path))
-  except OSError as e:
-    return f"(unreadable: {e.strerror})"
-  if not entries:
-    return "(empty)"
-  more = f", ... ({len(entries) - limit} more)" if len(entries) > limit else ""
-  return ", ".join(entries[:limit]) + more
-
-
-def _is_step_dir(path: str) -> bool:
-  name = os.path.basename(os.path.normpath(path))
-  return name.isdigit() and any(os.path.exists(os.path.join(path, f))
-                                for f in ("_CHECKPOINT_METADATA", "state"))
-
-
-def _has_step_dirs(path: str) -> bool:
-  return any(_is_step_dir(os.path.join(path, n)) for n in os.listdir(path))
-
-
-def locate_checkpoint(checkpoint: str, step: int | None = None) -> tuple[str, str, int | None]:
-  """(checkpoints folder, workdir, step or None) of a --checkpoint path.
-
-  Accepts the training workdir (holding `checkpoints/`), the `checkpoints/` folder itself, or
-  a step folder `checkpoints/<step>` (which fixes the step).
-
-  Raises:
-    CheckpointNotFoundError: the path does not exist or holds no checkpoint; `step`
-      contradicts the step folder.
-  """
-  path = os.path.abspath(os.path.expanduser(checkpoint))
-  hint = ("pass the --workdir given to experiments/train.py (it holds checkpoints/<step>/), "
-          "or one of its step folders")
-  if not os.path.isdir(path):
-    what = "is not a directory" if os.path.exists(path) else "does not exist"
-    parent = os.path.dirname(path)
-    there = (f"; {parent} contains: {_listing(parent)}" if os.path.isdir(parent) else "")
-    raise CheckpointNotFoundError(f"--checkpoint={checkpoint!r} {what} ({path}){there}. "
-                                  f"{hint.capitalize()}.")
-  if _is_step_dir(path):
-    path_step = int(os.path.basename(os.path.normpath(path)))
-    if step is not None and step != path_step:
-      raise CheckpointNotFoundError(
-          f"--checkpoint={checkpoint!r} is the step-{path_step} folder but --step={step}; pass "
-          "the workdir with --step, or the step folder alone")
-    directory = os.path.dirname(path)
-    return directory, os.path.dirname(directory), path_step
-  if os.path.isdir(os.path.join(path, "checkpoints")):
-    return os.path.join(path, "checkpoints"), path, step
-  if _has_step_dirs(path):
-    return path, os.path.dirname(path), step
-  raise CheckpointNotFoundError(
-      f"no checkpoint in --checkpoint={checkpoint!r} ({path}): it has no checkpoints/ folder "
-      f"and no step folders; it contains: {_listing(path)}. {hint.capitalize()}.")
-
-
-def _open_manager(directory: str) -> ocp.CheckpointManager:
-  """A read-only orbax manager over `directory` (nothing is created, saved or deleted)."""
-  absl_logger = logging.getLogger("absl")
-  level = absl_logger.level
-  absl_logger.setLevel(logging.ERROR)  # orbax warns about each read-only default it adjusts
-  try:
-    return ocp.CheckpointManager(
-        directory,
-        options=ocp.CheckpointManagerOptions(read_only=True, create=False,
-                                             save_interval_steps=0),
-        # PyTree (not Standard) handler for the state: it can restore the params alone.
-        item_handlers={"state": ocp.PyTreeCheckpointHandler(),
-                       "data": grain.checkpoint.CheckpointHandler(),
-                       "config": ocp.JsonCheckpointHandler()})
-  finally:
-    absl_logger.setLevel(level)
-
-
-def _choose_step(manager: ocp.CheckpointManager, directory: str, step: int | None) -> int:
-  steps = sorted(manager.all_steps())
-  if not steps:
-    raise CheckpointNotFoundError(
-        f"no finished checkpoint in {directory} (it contains: {_listing(directory)}); a run "
-        "writes checkpoints/<step>/ every config.checkpoint_every_steps steps and at its end. "
-        "Unfinished saves (tmp folders) are never used.")
-  if step is None:
-    return steps[-1]
-  if step not in steps:
-    raise CheckpointNotFoundError(f"no checkpoint of step {step} in {directory}; its steps: "
-                                  f"{steps}")
-  return step
-
-
-def _saved_config(manager: ocp.CheckpointManager, directory: str, step: int) -> dict | None:
-  """The config the checkpoint was trained with (None for a checkpoint without one)."""
-  if not os.path.isdir(os.path.join(directory, str(step), "config")):
-    return None
-  return manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
 
 
 # ------------------------------------------------------------------------ config checks
@@ -246,31 +144,6 @@ def check_config(saved: dict | None, config: ml_collections.ConfigDict, *, where
       "--config.model.* overrides of the experiments/train.py command; the checkpoint's "
       "'config' item has them all), or --allow_config_mismatch to evaluate anyway (the "
       "parameter shapes must still agree).")
-
-
-def _check_param_shapes(manager: ocp.CheckpointManager, step: int, abstract_params,
-                        where: str) -> None:
-  meta = manager.item_metadata(step)["state"]
-  saved = getattr(meta, "tree", meta)
-  saved = saved.get("params") if isinstance(saved, dict) else None
-  if saved is None:
-    raise checkpoint_lib.CheckpointMismatchError(f"{where} has no 'params' in its state item")
-  def shapes(tree) -> dict[str, tuple]:
-    flat = jax.tree_util.tree_flatten_with_path(tree)[0]
-    return {"/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path):
-            tuple(getattr(x, "shape", ())) for path, x in flat}
-
-  have, want = shapes(saved), shapes(abstract_params)
-  differ = sorted(k for k in set(have) & set(want) if have[k] != want[k])
-  missing, extra = sorted(set(want) - set(have)), sorted(set(have) - set(want))
-  if differ or missing or extra:
-    lines = [f"  {k}: checkpoint {have[k]} vs model {want[k]}" for k in differ[:10]]
-    lines += [f"  only in the model: {k}" for k in missing[:5]]
-    lines += [f"  only in the checkpoint: {k}" for k in extra[:5]]
-    raise checkpoint_lib.CheckpointMismatchError(
-        f"the parameters of {where} do not fit the configured model ({len(differ)} shapes "
-        f"differ, {len(missing)} missing, {len(extra)} extra):\n" + "\n".join(lines) +
-        "\nPass the config the checkpoint was trained with.")
 
 
 # ------------------------------------------------------------------------ evaluation
@@ -340,51 +213,34 @@ def evaluate(config: ml_collections.ConfigDict, checkpoint: str, *, step: int | 
   if num_batches < 0:
     raise ValueError(f"num_batches={num_batches} must be >= 0 (0 = the whole split)")
 
-  directory, workdir, step = locate_checkpoint(checkpoint, step)
-  manager = _open_manager(directory)
-  try:
-    step = _choose_step(manager, directory, step)
-    where = f"the checkpoint of step {step} in {directory}"
-    saved = _saved_config(manager, directory, step)
-    check_config(saved, config, where=where, allow_mismatch=allow_config_mismatch)
-
-    # The trainer's mesh, model, non-parameter state and eval step (train_and_evaluate).
-    mesh = sharding.make_mesh(config.mesh)
-    rules = config.sharding_rules
-    batch_shardings = sharding.batch_sharding(mesh, rules)
-    batch_axes = batch_shardings.spec[0] if batch_shardings.spec else None
-    batch_axes = (batch_axes,) if isinstance(batch_axes, str) else tuple(batch_axes or ())
-    data_parallel = math.prod(mesh.shape[a] for a in batch_axes)
-    if config.batch_size % data_parallel or config.batch_size % jax.process_count():
-      raise config_lib.ConfigError(
-          f"config.batch_size={config.batch_size} must be divisible by the mesh's batch axes "
-          f"({data_parallel} devices) and the process count ({jax.process_count()}); set "
-          "--config.batch_size or --config.mesh.* for this machine")
-    model = state_lib.Model(config.model)
-    _check_param_shapes(manager, step, model.abstract_params, where)
-    param_shardings = sharding.state_shardings(model.abstract_params, model.logical_specs,
-                                               mesh, rules)
-    init_key, _ = jax.random.split(jax.random.key(config.seed))  # as create_train_state
-    rest = jax.jit(lambda key: model.init(key)[1])(init_key)
-    objective = objectives.get(config.objective)
-    # make_eval_step reads only the params' shardings of the train state's.
-    eval_step = step_lib.make_eval_step(model, objective,
-                                        types.SimpleNamespace(params=param_shardings), rest,
-                                        batch_shardings, mesh, rules=rules)
-
-    target = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                          model.abstract_params, param_shardings)
-    try:
-      params = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
-          item={"params": target},
-          restore_args=ocp.checkpoint_utils.construct_restore_args({"params": target}),
-          partial_restore=True)))["state"]["params"]
-    except Exception as e:  # noqa: BLE001 - name the checkpoint and the way out
-      raise checkpoint_lib.CheckpointCorruptError(
-          f"reading the parameters of {where} failed: {type(e).__name__}: {str(e)[:500]}\n"
-          f"Pick another step with --step (steps: {sorted(manager.all_steps())}).") from e
-  finally:
-    manager.close()
+  # The trainer's mesh, model, non-parameter state and eval step (train_and_evaluate).
+  mesh = sharding.make_mesh(config.mesh)
+  rules = config.sharding_rules
+  batch_shardings = sharding.batch_sharding(mesh, rules)
+  batch_axes = batch_shardings.spec[0] if batch_shardings.spec else None
+  batch_axes = (batch_axes,) if isinstance(batch_axes, str) else tuple(batch_axes or ())
+  data_parallel = math.prod(mesh.shape[a] for a in batch_axes)
+  if config.batch_size % data_parallel or config.batch_size % jax.process_count():
+    raise config_lib.ConfigError(
+        f"config.batch_size={config.batch_size} must be divisible by the mesh's batch axes "
+        f"({data_parallel} devices) and the process count ({jax.process_count()}); set "
+        "--config.batch_size or --config.mesh.* for this machine")
+  model = state_lib.Model(config.model)
+  restored = restore.restore_params(
+      checkpoint, model, mesh, rules, step=step,
+      check_config=lambda saved, where: check_config(saved, config, where=where,
+                                                     allow_mismatch=allow_config_mismatch))
+  params, step = restored.params, restored.step
+  directory, workdir = restored.directory, restored.workdir
+  param_shardings = sharding.state_shardings(model.abstract_params, model.logical_specs,
+                                             mesh, rules)
+  init_key, _ = jax.random.split(jax.random.key(config.seed))  # as create_train_state
+  rest = jax.jit(lambda key: model.init(key)[1])(init_key)
+  objective = objectives.get(config.objective)
+  # make_eval_step reads only the params' shardings of the train state's.
+  eval_step = step_lib.make_eval_step(model, objective,
+                                      types.SimpleNamespace(params=param_shardings), rest,
+                                      batch_shardings, mesh, rules=rules)
   logger.info("restored the parameters of step %d from %s (%s parameters)", step, directory,
               f"{model.param_count():,}")
 
@@ -450,7 +306,7 @@ def main(argv):
         num_batches=_NUM_BATCHES.value, allow_config_mismatch=_ALLOW_MISMATCH.value,
         config_name=config_flags.get_config_filename(flags.FLAGS["config"]),
         config_overrides=config_flags.get_override_values(flags.FLAGS["config"]))
-  except (CheckpointNotFoundError, ConfigMismatchError, checkpoint_lib.CheckpointMismatchError,
+  except (restore.CheckpointNotFoundError, ConfigMismatchError, checkpoint_lib.CheckpointMismatchError,
           checkpoint_lib.CheckpointCorruptError, config_lib.ConfigError,
           datasets.DatasetNotPreparedError) as e:  # a clear message; no traceback needed
     raise SystemExit(f"evaluate.py: {type(e).__name__}: {e}") from e
