@@ -8,7 +8,7 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "experiments", "reproduce.py")
-TABLES = ("hybrid_latency", "mplug", "metalm_vl")
+TABLES = ("hybrid_latency", "hybrid_frames", "mplug", "metalm_vl", "metalm_multitask")
 
 
 def run(*args, timeout=1800):
@@ -19,14 +19,15 @@ def run(*args, timeout=1800):
 def test_list_and_clear_errors(tmp_path):
   out = run("--list")
   assert out.returncode == 0, out.stderr
-  for table in TABLES + ("metalm_multitask",):
+  for table in TABLES:
     assert table in out.stdout
   out = run("--table=nope", f"--output_dir={tmp_path}")
   assert out.returncode != 0 and "unknown --table='nope'" in out.stderr
   out = run("--table=mplug", f"--output_dir={tmp_path}")  # full size: says what is missing
   assert out.returncode != 0 and "VQAv2" in out.stderr and "--tiny" in out.stderr
-  out = run("--table=metalm_multitask", "--tiny", f"--output_dir={tmp_path}")
-  assert out.returncode != 0 and "not built yet" in out.stderr
+  out = run("--table=metalm_multitask", f"--output_dir={tmp_path}")
+  assert out.returncode != 0 and "--pretrained=" in out.stderr
+  assert "squad_v1" in out.stderr and "--tiny" in out.stderr
 
 
 @pytest.mark.slow

@@ -29,10 +29,11 @@ class TextGreedyPredictor:
 
   def __init__(self, model: state_lib.Model, params, rest, tokenizer, *, seq_len: int,
                max_span_len: int, max_input_tokens: int, max_new_tokens: int,
-               batch_size: int):
+               batch_size: int, encode_input: bool = True):
     self.tokenizer, self.params, self.rest = tokenizer, params, rest
     self.seq_len, self.max_span_len = seq_len, max_span_len
     self.max_input_tokens, self.batch_size = max_input_tokens, batch_size
+    self.encode_input = encode_input  # False: the prompt is causal (the causal baseline)
     self.max_new_tokens = min(max_new_tokens, seq_len - max_input_tokens)
     if self.max_new_tokens < 1:
       raise ValueError(f"seq_len={seq_len} - max_input_tokens={max_input_tokens} leaves no "
@@ -62,7 +63,8 @@ class TextGreedyPredictor:
     max_spans = text_task_pipeline.max_spans_for(self.max_input_tokens, self.max_span_len)
     rows = [text_task_pipeline.prompt_row(
         text_task_pipeline.input_ids(t, self.tokenizer, self.max_input_tokens),
-        seq_len=self.seq_len, max_span_len=self.max_span_len, max_spans=max_spans)
+        seq_len=self.seq_len, max_span_len=self.max_span_len, max_spans=max_spans,
+        encode_input=self.encode_input)
             for t in padded]
     rows = {k: np.stack([r[k] for r in rows]) for k in rows[0]}
     ends = rows["segment_ids"].sum(axis=1).astype(np.int32)
