@@ -190,7 +190,7 @@ def run(*, workdir: str, data_dir: str | None, size: str = "tiny", seed: int = 0
     datasets.prepare(PRETRAIN_DATASET, data_dir)
     tokenizer = tokenizers.get_tokenizer("sentencepiece", dataset=PRETRAIN_DATASET,
                                          data_dir=data_dir, vocab_size=VOCAB_SIZE)
-    config = multitask.get_config(f"size={size}")
+    config = multitask.get_config(f"size={size}", s)
     model = state_lib.Model(config.model)
     if s["pretrain_steps"]:
       source = datasets.data_source(PRETRAIN_DATASET, "train", data_dir)
