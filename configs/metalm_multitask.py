@@ -42,7 +42,8 @@ SCHEDULES = {
     # seq_len: decoder row; max_input_tokens: the prompt's share ([BOS] + input, cut there);
     # max_span_len: tokens per encoder span (the prompt takes ceil(input / span) spans).
     # tiny: the whole prompt is one span (as the paper's 512-token encoder holds an input);
-    # two spans of 48 tokens did worse in a 100 + 700-step run (SQuAD EM 9.4 vs 15.6).
+    # two spans of 48 tokens did worse (SQuAD EM 9.4 after 100 + 700 steps; one span: 15.6
+    # after 100 + 500).
     "tiny": dict(seq_len=128, max_input_tokens=96, max_span_len=96, batch=16,
                  pretrain_steps=100, finetune_steps=400, lr=3e-3, mixing_cap=3000,
                  eval_limit=64),
