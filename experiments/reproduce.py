@@ -6,9 +6,10 @@ r"""Regenerate a paper table: run its configs, write a markdown table of paper v
 
 Each table is a function that trains / finetunes / evaluates what the table needs and returns
 rows {task, metric, paper, ours, config, data, compute}; the markdown lands in
-{output_dir}/{table}[_tiny].md (and .json). `--tiny` runs the same path on the bundled digits data with
-the tiny configs (minutes on a CPU; what the test suite runs); the numbers then measure the
-code path, not the paper's claim, and the table says so.
+{output_dir}/{table}[_tiny].md (and .json). `--tiny` runs the same path with
+the tiny configs on bundled or generated data (the digits written as official COCO / VQAv2 /
+OK-VQA / NLVR2 files, read by the official builders; minutes on a CPU; what the test suite
+runs); the numbers then measure the code path, not the paper's claim, and the table says so.
 
 Tables (docs/reproducing.md says what each needs at full size):
   metalm_multitask  METALM multitask language finetuning: SQuAD EM / F1, SuperGLUE accuracy,
@@ -44,8 +45,10 @@ _PRETRAINED = flags.DEFINE_string("pretrained", None, "metalm_multitask at full 
                                   "experiments/train.py workdir of a pretrained METALM language "
                                   "model (configs/metalm_lm.py:size=paper).")
 
-TINY_NOTE = ("--tiny: tiny configs on the bundled 8x8 digits data (or random tokens); 'ours' "
-             "measures this code path, not the paper's benchmark")
+TINY_NOTE = ("--tiny: tiny configs on bundled or generated data (the 8x8 digits written as "
+             "official COCO / VQAv2 / OK-VQA / NLVR2 files, Python's help pages as SQuAD / "
+             "SuperGLUE / CNN-DM files, random tokens); 'ours' measures this code path, not "
+             "the paper's benchmark")
 
 
 def _cpu() -> str:
@@ -58,118 +61,79 @@ def _cpu() -> str:
 
 
 # ---------------------------------------------------------------- tables
-def metalm_vl(*, tiny: bool, workdir: str, data_dir: str | None) -> list[dict]:
-  """METALM vision-language: zero-/few-shot VQA and captioning, finetuned VQA, captioning
-  and NLVR2 (paper: VQAv2 41.1 / OK-VQA 11.4 zero-shot)."""
-  if not tiny:
-    raise NotImplementedError(
-        "metalm_vl at full size needs VQAv2 / OK-VQA / COCO Karpathy / NLVR2 prepared from "
-        "their official files (docs/reproducing.md, Datasets) and a pretrained paper-size "
-        "METALM (configs/metalm_vl.py:size=paper; its image-text pretraining corpora have no "
-        "builder here); only --tiny runs here.")
-  import metalm_digits  # experiments/ is on sys.path when run as a script
+# --tiny vision-language tables: the digits written as official files, prepared with the
+# official builders in <data_dir>/digits_official (apart from any real download).
+DIGITS_OFFICIAL = "digits_official"
+VL_DATASETS = ("coco_karpathy", "vqav2", "ok_vqa", "nlvr2")
+
+
+def digits_official_data(data_dir: str | None) -> str:
+  """<data_dir>/digits_official with coco_karpathy, vqav2, ok_vqa and nlvr2 prepared from the
+  bundled digits written in the official formats (`data.digits_official`); built once."""
   from metalm_jax.data import datasets as datasets_lib
-  from metalm_jax.data import vl_pipeline
-  from metalm_jax.evaluation import caption_metrics
-  from metalm_jax.train import state as state_lib
-  start, seed, shots = time.time(), 0, 2
-  pretrain_steps, finetune_steps = 150, 60
-  data_dir = data_dir or datasets_lib.default_data_dir()
-  datasets_lib.prepare(vl_pipeline.DATASET, data_dir)
-  tokenizer = vl_pipeline.get_vl_tokenizer("sentencepiece", data_dir=data_dir)
-  config = metalm_digits.experiment_config("tiny", seq_len=48, prefix=32, batch_size=None)
-  model = state_lib.Model(config.model)
-  pretrain, finetune, encode_text = metalm_digits.OBJECTIVES["metalm"]
-  train_source = datasets_lib.data_source(vl_pipeline.DATASET, "train", data_dir)
-  limits = {"vqa": 96, "caption": 64, "nlvr2": 64}
-  queries = {t: metalm_digits.load_examples(data_dir, "test", task=t, limit=n)
-             for t, n in limits.items()}
-  support = metalm_digits.load_examples(data_dir, "train", read=600)
-  params, rest, _ = metalm_digits.train(config, model, pretrain, train_source, tokenizer,
-                                        steps=pretrain_steps, seed=seed, log_every=50,
-                                        name="metalm_vl pretrain")
+  from metalm_jax.data import digits_official
+  root = os.path.join(data_dir or datasets_lib.default_data_dir(), DIGITS_OFFICIAL)
+  manual = os.path.join(root, "downloads", "manual")
+  missing = [n for n in VL_DATASETS if not datasets_lib.get_builder(n, root).is_prepared()]
+  if missing:
+    logging.info("Writing the digits as official files to %s and preparing %s", manual,
+                 missing)
+    digits_official.write_official_files(manual)
+    for name in missing:
+      datasets_lib.prepare(name, root, manual_dir=manual)
+  return root
 
-  def score(task, params, k=0):
-    r = metalm_digits.evaluate(model, params, rest, tokenizer, queries[task],
-                               encode_text=encode_text, shots=k, support=support if k else None,
-                               batch_size=32, seed=seed)
-    if task == "caption":  # CIDEr-D x100 over the test images' reference captions
-      return round(100 * caption_metrics.cider_d(r["references"], r["predictions"]), 1)
-    return round(100 * r["accuracy"], 1)
 
-  ours = {("vqa", 0): score("vqa", params), ("vqa", shots): score("vqa", params, shots),
-          ("caption", 0): score("caption", params),
-          ("caption", shots): score("caption", params, shots)}
-  for task in ("vqa", "caption", "nlvr2"):  # one finetune per task, from the pretrained model
-    tuned, _, _ = metalm_digits.train(config, model, finetune, train_source, tokenizer,
-                                      steps=finetune_steps, seed=seed + 1, tasks=[task],
-                                      init_params=params, log_every=50,
-                                      name=f"metalm_vl finetune {task}")
-    ours[(task, "finetuned")] = score(task, tuned)
-  compute = f"{time.time() - start:.0f} s on {_cpu()}"
-  config_name = (f"configs/metalm_vl.py:size=tiny ({pretrain_steps} pretrain + "
-                 f"{finetune_steps} finetune steps per task)")
-  data = {t: f"digits_vl test, {len(q)} {t} examples" for t, q in queries.items()}
-  row = lambda task, metric, paper, key, t: dict(task=task, metric=metric, paper=paper,
-                                                 ours=ours[key], config=config_name,
-                                                 data=data[t], compute=compute)
-  na = "n/a in --tiny (digits_vl has one VQA set; full size: the ok_vqa builder)"
-  return [
-      row("VQA zero-shot", "VQA acc", "41.1 (VQAv2)", ("vqa", 0), "vqa"),
-      dict(task="OK-VQA zero-shot", metric="VQA acc", paper="11.4 (OK-VQA)", ours=na,
-           config=config_name, data="-", compute="-"),
-      row(f"VQA {shots}-shot", "VQA acc", "- (up to 4 shots in the paper)", ("vqa", shots),
-          "vqa"),
-      row("captioning zero-shot", "CIDEr-D (x100)", "- (COCO, see paper)", ("caption", 0),
-          "caption"),
-      row(f"captioning {shots}-shot", "CIDEr-D (x100)", "- (COCO, see paper)",
-          ("caption", shots), "caption"),
-      row("VQA finetuned", "VQA acc", "- (VQAv2 finetuned, see paper)", ("vqa", "finetuned"),
-          "vqa"),
-      dict(task="OK-VQA finetuned", metric="VQA acc", paper="- (see paper)", ours=na,
-           config=config_name, data="-", compute="-"),
-      row("NLVR2 finetuned", "accuracy", "- (NLVR2 test-P, see paper)",
-          ("nlvr2", "finetuned"), "nlvr2"),
-      row("COCO captioning finetuned", "CIDEr-D (x100)", "- (COCO Karpathy test, see paper)",
-          ("caption", "finetuned"), "caption"),
-  ]
+# Settings of the official-data runs: --tiny (CI-sized, on digits_official_data) and full
+# size (the scripts' paper-scale settings; their module docstrings give the compute).
+METALM_VL_RUN = {
+    "tiny": dict(size="tiny", seed=0, pretrain_steps=300, finetune_steps=100, shots=2,
+                 eval_limit=64, log_every=100),
+    "full": dict(size="paper", seed=0, pretrain_steps=350_000, finetune_steps=20_000, shots=4,
+                 eval_limit=0, threads=16, log_every=1000),
+}
+MPLUG_RUN = {
+    "tiny": dict(size="tiny", seed=0, pretrain_steps=300, caption_steps=100, vqa_steps=100,
+                 image_size=8, vocab_size=300, eval_limit=64, answer_list_size=64,
+                 beam_size=3, rerank_k=16, answer_rank_k=16, eval_batch_size=64,
+                 log_every=100),
+    "full": dict(size="base", seed=0, pretrain_steps=10_000, caption_steps=3_000,
+                 vqa_steps=4_000, eval_limit=0, beam_size=5, rerank_k=256, answer_rank_k=128,
+                 log_every=1000),
+}
+
+
+def _tiny_data(rows: list[dict], tiny: bool) -> list[dict]:
+  """--tiny rows name the generated data they were scored on."""
+  return [dict(r, data=f"digits as official files: {r['data']}") if tiny else r for r in rows]
+
+
+def metalm_vl(*, tiny: bool, workdir: str, data_dir: str | None) -> list[dict]:
+  """METALM vision-language: zero-/few-shot VQAv2, OK-VQA and captioning; finetuned VQAv2,
+  OK-VQA, NLVR2 and COCO captioning (paper: VQAv2 41.1 / OK-VQA 11.4 zero-shot)."""
+  import metalm_vl_official  # experiments/ is on sys.path when run as a script
+  start = time.time()
+  if tiny:
+    data_dir = digits_official_data(data_dir)
+  results = metalm_vl_official.run_official(workdir=os.path.join(workdir, "metalm_vl"),
+                                            data_dir=data_dir,
+                                            **METALM_VL_RUN["tiny" if tiny else "full"])
+  return _tiny_data(metalm_vl_official.rows(results, f"{time.time() - start:.0f} s on "
+                                            f"{_cpu()}"), tiny)
 
 
 def mplug(*, tiny: bool, workdir: str, data_dir: str | None) -> list[dict]:
-  """mPLUG captioning, VQA and retrieval (paper: VQA 79.79 base, COCO CIDEr 141.0 CE)."""
-  if not tiny:
-    raise NotImplementedError(
-        "mplug at full size needs COCO (Karpathy split) and VQAv2 prepared from their official "
-        "files (docs/reproducing.md) and days of accelerator time; only --tiny runs here.")
-  import mplug_digits
+  """mPLUG: COCO captioning, VQAv2 (generation and answer ranking), retrieval R@1/5/10
+  (paper: VQA 79.79 base, COCO CIDEr 141.0 CE)."""
+  import mplug_official
   start = time.time()
-  r = mplug_digits.run(
-      workdir=os.path.join(workdir, "mplug"), data_dir=data_dir, size="tiny", seed=0,
-      pretrain_steps=200, finetune_steps=100, batch_size=None, eval_split="test",
-      eval_limit=64, beam_size=3, rerank_k=16, baseline=False, log_every=50)
-  compute = f"{time.time() - start:.0f} s on {_cpu()}"
-  config = "configs/mplug.py:size=tiny (200 + 100 steps)"
-  data = "digits_vl test, 64 images / 64 questions"
-  pct = lambda x: round(100 * x, 1)
-  ret = r["retrieval"]["itc+itm"]
-  return [
-      dict(task="captioning", metric="CIDEr-D (x100)", paper="141.0 (COCO Karpathy test, CE)",
-           ours=round(100 * r["captioning"]["cider_d"], 1), config=config, data=data,
-           compute=compute),
-      dict(task="captioning", metric="exact match", paper="-",
-           ours=pct(r["captioning"]["exact_match"]), config=config, data=data, compute=compute),
-      dict(task="VQA (generation)", metric="VQA acc", paper="79.79 (VQAv2 test-dev, base)",
-           ours=pct(r["vqa"]["generate"]["accuracy"]), config=config, data=data,
-           compute=compute),
-      dict(task="VQA (answer ranking)", metric="VQA acc", paper="79.79 (VQAv2 test-dev, base)",
-           ours=pct(r["vqa"]["rank"]["accuracy"]), config=config, data=data, compute=compute),
-      dict(task="image-to-text retrieval", metric="R@1 / R@5 / R@10", paper="- (COCO, see paper)",
-           ours=" / ".join(str(pct(ret["i2t"][f"R@{k}"])) for k in (1, 5, 10)), config=config,
-           data=data, compute=compute),
-      dict(task="text-to-image retrieval", metric="R@1 / R@5 / R@10", paper="- (COCO, see paper)",
-           ours=" / ".join(str(pct(ret["t2i"][f"R@{k}"])) for k in (1, 5, 10)), config=config,
-           data=data, compute=compute),
-  ]
+  if tiny:
+    data_dir = digits_official_data(data_dir)
+  results = mplug_official.run_official(workdir=os.path.join(workdir, "mplug"),
+                                        data_dir=data_dir,
+                                        **MPLUG_RUN["tiny" if tiny else "full"])
+  return _tiny_data(mplug_official.rows(results, f"{time.time() - start:.0f} s on {_cpu()}"),
+                    tiny)
 
 
 def metalm_multitask(*, tiny: bool, workdir: str, data_dir: str | None) -> list[dict]:
@@ -309,11 +273,15 @@ def main(argv):
     raise app.UsageError(f"--table is required; one of {sorted(TABLES)} (--list describes them)")
   if _TABLE.value not in TABLES:
     raise app.UsageError(f"unknown --table={_TABLE.value!r}; tables: {sorted(TABLES)}")
+  from metalm_jax.data import datasets as datasets_lib
   try:
     text = reproduce(_TABLE.value, tiny=_TINY.value, workdir=_OUTPUT_DIR.value,
                      data_dir=_DATASET_DIR.value)
   except NotImplementedError as e:
     raise app.UsageError(str(e)) from None
+  except datasets_lib.DatasetNotPreparedError as e:  # full size without the official data
+    raise app.UsageError(f"{e}\n(--tiny runs the {_TABLE.value} table's whole path on the "
+                         "bundled data, written in the official formats.)") from None
   logging.info("wrote %s", _OUTPUT_DIR.value)
   print(text)
 

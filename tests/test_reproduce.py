@@ -1,4 +1,5 @@
 """experiments/reproduce.py: every table's --tiny path end to end (slow), and its errors."""
+import json
 import os
 import pathlib
 import subprocess
@@ -9,6 +10,15 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "experiments", "reproduce.py")
 TABLES = ("hybrid_latency", "hybrid_frames", "mplug", "metalm_vl", "metalm_multitask")
+# The rows the issue's tables ask for, in order.
+EXPECTED_TASKS = {
+    "metalm_vl": ["VQAv2 zero-shot", "OK-VQA zero-shot", "COCO captioning zero-shot",
+                  "VQAv2 2-shot", "OK-VQA 2-shot", "COCO captioning 2-shot",
+                  "VQAv2 finetuned", "OK-VQA finetuned", "COCO captioning finetuned",
+                  "NLVR2 finetuned"],
+    "mplug": ["captioning", "captioning", "captioning", "VQA (generation)",
+              "VQA (answer ranking)", "image-to-text retrieval", "text-to-image retrieval"],
+}
 
 
 def run(*args, timeout=1800):
@@ -23,8 +33,17 @@ def test_list_and_clear_errors(tmp_path):
     assert table in out.stdout
   out = run("--table=nope", f"--output_dir={tmp_path}")
   assert out.returncode != 0 and "unknown --table='nope'" in out.stderr
-  out = run("--table=mplug", f"--output_dir={tmp_path}")  # full size: says what is missing
-  assert out.returncode != 0 and "VQAv2" in out.stderr and "--tiny" in out.stderr
+  empty = f"--dataset_dir={tmp_path}/empty"
+  # Full size without the official datasets: says which, how to prepare them, and --tiny.
+  out = run("--table=mplug", f"--output_dir={tmp_path}", empty)
+  assert out.returncode != 0 and "--tiny" in out.stderr, out.stderr[-2000:]
+  for name in ("coco_karpathy", "vqav2"):
+    assert f"prepare_data.py --dataset={name}" in out.stderr
+  out = run("--table=metalm_vl", f"--output_dir={tmp_path}", empty)
+  assert out.returncode != 0 and "--tiny" in out.stderr, out.stderr[-2000:]
+  for name in ("coco_karpathy", "vqav2", "ok_vqa", "nlvr2"):
+    assert f"prepare_data.py --dataset={name}" in out.stderr
+  assert not list(tmp_path.glob("*/results.json"))  # nothing was run
   out = run("--table=metalm_multitask", f"--output_dir={tmp_path}")
   assert out.returncode != 0 and "--pretrained=" in out.stderr
   assert "squad_v1" in out.stderr and "--tiny" in out.stderr
@@ -41,4 +60,7 @@ def test_tiny_table_end_to_end(table, tmp_path):
   text = (out_dir / f"{table}_tiny.md").read_text()
   assert text.startswith(f"## {table} (--tiny)")
   assert "| task | metric | paper | ours | config | data | compute |" in text
-  assert (out_dir / f"{table}_tiny.json").exists()
+  rows = json.loads((out_dir / f"{table}_tiny.json").read_text())
+  assert rows and all(r["ours"] is not None for r in rows), rows  # every row was measured
+  if table in EXPECTED_TASKS:
+    assert [r["task"] for r in rows] == EXPECTED_TASKS[table]
