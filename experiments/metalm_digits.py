@@ -47,7 +47,7 @@ from metalm_jax import objectives
 from metalm_jax.data import datasets
 from metalm_jax.data import digits
 from metalm_jax.data import vl_pipeline
-from metalm_jax.evaluation import prompts as prompts_lib
+from metalm_jax.data import prompts as prompts_lib
 from metalm_jax.objectives import semi_causal_lm
 from metalm_jax.train import loop
 from metalm_jax.train import state as state_lib

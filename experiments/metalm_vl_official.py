@@ -107,7 +107,7 @@ from metalm_jax.data import digits
 from metalm_jax.data import tokenizers
 from metalm_jax.data import vl_pipeline
 from metalm_jax.evaluation import caption_metrics
-from metalm_jax.evaluation import prompts as prompts_lib
+from metalm_jax.data import prompts as prompts_lib
 from metalm_jax.train import loop
 from metalm_jax.train import state as state_lib
 

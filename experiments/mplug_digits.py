@@ -44,7 +44,7 @@ from metalm_jax.data import datasets
 from metalm_jax.data import digits
 from metalm_jax.data import vl_pipeline
 from metalm_jax.evaluation import caption_metrics
-from metalm_jax.evaluation import prompts as prompts_lib
+from metalm_jax.data import prompts as prompts_lib
 from metalm_jax.inference import mplug as mplug_inference
 from metalm_jax.models import mplug as mplug_model
 from metalm_jax.objectives import mplug as mplug_objectives

@@ -7,7 +7,7 @@ import pytest
 from metalm_jax.data import datasets
 from metalm_jax.data import digits
 from metalm_jax.data import vl_pipeline
-from metalm_jax.evaluation import prompts
+from metalm_jax.data import prompts
 
 WORDS = "zero one two three four five six seven eight nine".split()
 SEQ_LEN, BATCH = 73, 7  # byte tokens of the longest template: 72

@@ -4,8 +4,8 @@ import pytest
 
 from metalm_jax.evaluation import harness
 from metalm_jax.evaluation import metrics
-from metalm_jax.evaluation import prompts
-from metalm_jax.evaluation.prompts import Segment
+from metalm_jax.data import prompts
+from metalm_jax.data.prompts import Segment
 
 
 def _example(i, task="vqa", question="which digit is this?", answer="seven", num_images=1):

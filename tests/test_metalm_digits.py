@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from metalm_jax.data import vl_pipeline
-from metalm_jax.evaluation import prompts
+from metalm_jax.data import prompts
 from metalm_jax.train import state as state_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

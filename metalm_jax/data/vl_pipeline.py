@@ -47,7 +47,7 @@ import numpy as np
 from metalm_jax.data import datasets
 from metalm_jax.data import digits
 from metalm_jax.data import tokenizers
-from metalm_jax.evaluation import prompts
+from metalm_jax.data import prompts
 
 DATASET = "digits_vl"
 # Feature -> (dtype, shape of one row given the pipeline's sizes).

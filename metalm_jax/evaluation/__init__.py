@@ -29,9 +29,9 @@ from metalm_jax.evaluation.metrics import retrieval_recall
 from metalm_jax.evaluation.metrics import token_f1
 from metalm_jax.evaluation.metrics import vqa_accuracy
 from metalm_jax.evaluation.metrics import vqa_score
-from metalm_jax.evaluation.prompts import CAPTION_PROMPT
-from metalm_jax.evaluation.prompts import VQA_TEMPLATE
-from metalm_jax.evaluation.prompts import Segment
-from metalm_jax.evaluation.prompts import few_shot_prompt
-from metalm_jax.evaluation.prompts import group_by_shot
-from metalm_jax.evaluation.prompts import zero_shot_prompt
+from metalm_jax.data.prompts import CAPTION_PROMPT
+from metalm_jax.data.prompts import VQA_TEMPLATE
+from metalm_jax.data.prompts import Segment
+from metalm_jax.data.prompts import few_shot_prompt
+from metalm_jax.data.prompts import group_by_shot
+from metalm_jax.data.prompts import zero_shot_prompt

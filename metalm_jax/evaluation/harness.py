@@ -20,8 +20,8 @@ from typing import Callable, Sequence
 import numpy as np
 
 from metalm_jax.evaluation import metrics
-from metalm_jax.evaluation import prompts
-from metalm_jax.evaluation.prompts import Segment
+from metalm_jax.data import prompts
+from metalm_jax.data.prompts import Segment
 
 PredictFn = Callable[[list[list[Segment]]], list[str]]
 
