@@ -1,22 +1,30 @@
-r"""METALM multitask language finetuning: the tasks, the model and the schedule of the table.
+r"""METALM multitask language finetuning: the model, the task mixture and the schedule.
 
-  python experiments/reproduce.py --table=metalm_multitask --tiny   # CI-sized, bundled data
-  python experiments/metalm_multitask.py --size=tiny --workdir=workdirs/metalm_multitask
+  python experiments/prepare_data.py --dataset=pydoc_topics --tokenizer_vocab_size=1024
+  python experiments/prepare_data.py --dataset=pydoc_tasks   # SQuAD / BoolQ / CNN-DM-format files
+  python experiments/train.py --config=configs/metalm_multitask.py:stage=pretrain \
+      --workdir=workdirs/multitask_pretrain
+  python experiments/train.py --config=configs/metalm_multitask.py \
+      --workdir=workdirs/multitask --config.init_from.checkpoint=workdirs/multitask_pretrain
+  python experiments/reproduce.py --table=metalm_multitask --tiny    # both stages + the table
 
-`get_config("size=...")` is the model / optimizer config (a configs/metalm_lm.py METALM with
-span room for the task inputs); `TASKS` lists the datasets of the mixture with their metric,
-and `SCHEDULES[size]` the steps and lengths. The paper (Hao et al. 2022) finetunes the
-pretrained 1.3B METALM on a mixture of 34 NLU / NLG datasets and scores exact match, F1 and
-ROUGE with beam 4 and length penalty 0.6. The datasets here are the ones this repository
-builds from their official files (`metalm_jax/data/text_tasks.py`): one reading-comprehension
-(SQuAD v1.1: EM / F1), four SuperGLUE classification tasks (BoolQ, CB, RTE, COPA: accuracy)
-and one summarisation task (CNN / DailyMail: ROUGE-L). Adding a dataset is one `TASKS`
-entry plus a builder that yields {inputs, targets, references}.
+Arguments (comma-separated `key=value`):
+  size      tiny (default: CPU, minutes) | paper (the paper's model shape: finetune a
+            configs/metalm_lm.py:size=paper checkpoint on the official datasets)
+  stage     finetune (default: the task mixture, family 'text_tasks') | pretrain (semi-causal
+            LM on the bundled pydoc_topics corpus, family 'lm', the same model)
+  data      pydoc (default at size=tiny: SQuAD-, BoolQ- and CNN/DM-format files generated from
+            Python's help pages, `prepare_data.py --dataset=pydoc_tasks`) | official (the
+            official datasets of every task, prepared in config.data.data_dir)
+  runlocal  1 = a few steps and a few evaluation examples: a smoke run.
 
-size=tiny runs on `text_tasks.write_pydoc_task_files`: SQuAD-, BoolQ- and CNN/DM-format files
-generated from Python's bundled help pages (the same builders and the same code path, on
-data a tiny model can learn in minutes). size=paper is the paper's model shape; it needs a
-pretrained METALM checkpoint and the official datasets (docs/reproducing.md).
+A row is `[BOS] input | target [EOS]`: the input's tokens are consecutive encoder spans of
+at most model.max_span_len tokens (read bidirectionally by the encoder), the target is
+decoded causally and scored (`metalm_jax.data.text_task_pipeline`). The paper (Hao et al.
+2022) finetunes the pretrained 1.3B METALM on 34 NLU / NLG datasets and decodes with beam 4,
+length penalty 0.6; here one reading-comprehension task (SQuAD v1.1: EM / F1), four
+SuperGLUE classification tasks (BoolQ, CB, RTE, COPA: accuracy) and one summarisation task
+(CNN / DailyMail: ROUGE-L). Adding a dataset is one `TASKS` entry plus a builder.
 """
 import ml_collections
 
@@ -34,9 +42,8 @@ TASKS = {
     "copa": dict(dataset="superglue/copa", metric="accuracy", paper=None),
     "cnn_dailymail": dict(dataset="cnn_dailymail", metric="rouge_l", paper=None),
 }
-# The tasks `write_pydoc_task_files` generates for size=tiny.
-TINY_TASKS = ("squad_v1", "boolq", "cnn_dailymail")
-METRICS = ("exact_match_f1", "accuracy", "rouge_l")
+# The tasks `prepare_data.py --dataset=pydoc_tasks` generates.
+PYDOC_TASKS = ("squad_v1", "boolq", "cnn_dailymail")
 
 SCHEDULES = {
     # seq_len: decoder row; max_input_tokens: the prompt's share ([BOS] + input, cut there);
@@ -46,27 +53,54 @@ SCHEDULES = {
     # after 100 + 500).
     "tiny": dict(seq_len=128, max_input_tokens=96, max_span_len=96, batch=16,
                  pretrain_steps=100, finetune_steps=400, lr=3e-3, mixing_cap=3000,
-                 eval_limit=64),
+                 eval_limit=64, beam_size=1, length_penalty=0.0),
     "paper": dict(seq_len=2048, max_input_tokens=1536, max_span_len=512, batch=256,
-                  pretrain_steps=0, finetune_steps=20_000, lr=1e-4, mixing_cap=3000,
-                  eval_limit=0),
+                  pretrain_steps=300_000, finetune_steps=20_000, lr=1e-4, mixing_cap=3000,
+                  eval_limit=0, beam_size=4, length_penalty=0.6),
 }
+STAGES = ("finetune", "pretrain")
+DATA = ("pydoc", "official")
 
 
-def get_config(arg: str | None = None, schedule: dict | None = None
-               ) -> ml_collections.ConfigDict:
-  """configs/metalm_lm.py at `size` with the multitask schedule (`schedule` overrides
-  SCHEDULES[size] keys) and span room for its `max_span_len`."""
-  args = config_lib.parse_config_args(arg, size="tiny")
-  if args["size"] not in SCHEDULES:
-    raise ValueError(f"size={args['size']!r}; valid sizes: {sorted(SCHEDULES)}")
-  s = dict(SCHEDULES[args["size"]], **(schedule or {}))
-  config = metalm_lm.get_config(f"size={args['size']}")
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  args = config_lib.parse_config_args(arg, size="tiny", stage="finetune", data="", runlocal="0")
+  size, stage = args["size"], args["stage"]
+  if size not in SCHEDULES:
+    raise ValueError(f"size={size!r}; valid sizes: {sorted(SCHEDULES)}")
+  if stage not in STAGES:
+    raise ValueError(f"stage={stage!r}; valid: {list(STAGES)}")
+  data = args["data"] or ("pydoc" if size == "tiny" else "official")
+  if data not in DATA:
+    raise ValueError(f"data={data!r}; valid: {list(DATA)}")
+  s = SCHEDULES[size]
+  config = metalm_lm.get_config(f"size={size}")
   with config.unlocked():
+    # Span room for a whole prompt; the same model in both stages (init_from needs it).
     config.model.max_span_len = s["max_span_len"]
     config.model.text_encoder.max_len = max(config.model.text_encoder.max_len,
                                             s["max_span_len"] + 1)
     config.data.seq_len = s["seq_len"]
     config.batch_size = s["batch"]
     config.optimizer.learning_rate = s["lr"]
-  return config
+    config.data.tokenizer_dataset = "pydoc_topics"  # the pretraining corpus's vocabulary
+    if stage == "pretrain":
+      config.num_train_steps = s["pretrain_steps"]
+    else:
+      tasks = PYDOC_TASKS if data == "pydoc" else tuple(TASKS)
+      config.family = "text_tasks"
+      config.data.dataset = "pydoc_tasks" if data == "pydoc" else "official"
+      config.data.tasks = tasks
+      config.data.max_input_tokens = s["max_input_tokens"]
+      config.data.mixing_cap = s["mixing_cap"]
+      config.num_train_steps = s["finetune_steps"]
+      config.evals = ml_collections.ConfigDict({
+          "eval": dict(type="loss"),
+          "tasks": dict(type="text_tasks", limit=s["eval_limit"], beam_size=s["beam_size"],
+                        length_penalty=s["length_penalty"], every_steps=-1)})
+    config.optimizer.warmup_steps = max(1, config.num_train_steps // 20)
+    config.eval_every_steps = config.checkpoint_every_steps = max(1, config.num_train_steps // 4)
+    config.log_every_steps = max(1, min(20, config.num_train_steps // 10))
+    config.sample.max_new_tokens = 0
+    if args["runlocal"] == "1":
+      config_lib.set_runlocal(config)
+  return config_lib.finalize(config)

@@ -1,20 +1,31 @@
-r"""mPLUG (Li et al. 2022): ViT + text encoder + skip-connected fusion + seq2seq decoder,
-pretrained with ITC / ITM / MLM / PrefixLM.
+r"""mPLUG (Li et al. 2022): ViT + text encoder + skip-connected fusion + seq2seq decoder.
 
-  python experiments/mplug_digits.py --size=tiny     # pretrain, retrieval, captioning, VQA
-
-mPLUG pretraining keeps momentum encoders and feature queues in its train state
-(`metalm_jax.train.mplug`), so it runs through `experiments/mplug_digits.py`, not
-`experiments/train.py`.
+  python experiments/prepare_data.py --dataset=digits_vl                        # once
+  python experiments/train.py --config=configs/mplug.py --workdir=workdirs/mplug_pretrain
+  python experiments/train.py --config=configs/mplug.py:stage=vqa --workdir=workdirs/mplug_vqa \
+      --config.init_from.checkpoint=workdirs/mplug_pretrain
+  python experiments/train.py --config=configs/mplug.py:stage=caption --workdir=workdirs/mplug_cap \
+      --config.init_from.checkpoint=workdirs/mplug_pretrain
+  python experiments/reproduce.py --table=mplug_digits     # the three stages + a scratch baseline
 
 Arguments (comma-separated `key=value`):
-  size   tiny (default: 8x8 digits on a CPU) | base (ViT-B/16 224px, d 768, 12 heads, FFN
-         3072, 6-layer text encoder, fusion F=6 S=3 'AAACAA', 12-layer decoder, queue
-         65,536) | large (ViT-L/14 1024-wide, projected to 768; fusion S=6: no connected
-         layer)
+  size      tiny (default: 8x8 digits on a CPU) | base (ViT-B/16 224px, d 768, 12 heads, FFN
+            3072, 6-layer text encoder, fusion F=6 S=3 'AAACAA', 12-layer decoder, queue
+            65,536) | large (ViT-L/14 1024-wide, projected to 768; fusion S=6: no connected
+            layer)
+  stage     pretrain (default: ITC + ITM + MLM + PrefixLM on image-caption pairs, with the
+            momentum encoders and ITC queues in the train state; evaluated by retrieval and
+            zero-shot captioning) | caption (seq2seq finetuning: image + [CLS] -> caption;
+            CIDEr-D / BLEU-4 / ROUGE-L) | vqa (image + question -> answer; VQA accuracy by
+            generation and by answer-list ranking)
+  data      digits (default: the bundled digits_vl) | official (COCO Karpathy captions and
+            VQAv2, prepared in config.data.data_dir; docs/reproducing.md)
+  runlocal  1 = a few steps and a few evaluation examples: a smoke run.
 
-`config.mplug` holds the pretraining objective's settings: loss weights, momentum
-distillation alpha (0.4), EMA decay (0.995), queue size, MLM mask rate (0.15).
+Pretrain -> finetune is two runs: the finetune's `config.init_from.checkpoint` names the
+pretraining workdir (params only). `config.mplug` holds the pretraining objective's settings:
+loss weights, momentum distillation alpha (0.4, ramped from 0 over `alpha_warmup_steps`), EMA
+decay (0.995), queue size, MLM mask rate (0.15).
 """
 import ml_collections
 
@@ -26,19 +37,27 @@ SIZES = {
     "tiny": dict(image_size=8, patch_size=2, channels=1, d_model=64, heads=4, d_ff=128,
                  vit=dict(d_model=64, num_layers=2), text_layers=2, fusion_layers=6,
                  stride=3, decoder_layers=2, itc_dim=32, queue=256, vocab=384, text_len=32,
-                 batch=32, steps=600, lr=1e-3, warmup=30, dropout=0.0),
+                 batch=32, steps=600, finetune_steps=300, lr=1e-3, warmup=30, dropout=0.0,
+                 alpha_warmup=0),
     # Paper base: CLIP ViT-B/16, BERT-base (6 text + 6 fusion layers), 12-layer decoder.
     "base": dict(image_size=224, patch_size=16, channels=3, d_model=768, heads=12, d_ff=3072,
                  vit=dict(d_model=768, num_layers=12), text_layers=6, fusion_layers=6,
                  stride=3, decoder_layers=12, itc_dim=256, queue=65536, vocab=30522,
-                 text_len=40, batch=1024, steps=200_000, lr=1e-4, warmup=1000, dropout=0.1),
+                 text_len=40, batch=1024, steps=200_000, finetune_steps=8_000, lr=1e-4,
+                 warmup=1000, dropout=0.1, alpha_warmup=2_000),
     # Paper large: CLIP ViT-L/14 (1024 wide, 24 layers) projected to the 768-wide BERT.
     "large": dict(image_size=224, patch_size=14, channels=3, d_model=768, heads=12, d_ff=3072,
                   vit=dict(d_model=1024, num_layers=24, num_heads=16, d_ff=4096),
                   text_layers=6, fusion_layers=6, stride=6, decoder_layers=12, itc_dim=256,
-                  queue=65536, vocab=30522, text_len=40, batch=1024, steps=200_000, lr=1e-4,
-                  warmup=1000, dropout=0.1),
+                  queue=65536, vocab=30522, text_len=40, batch=1024, steps=200_000,
+                  finetune_steps=8_000, lr=1e-4, warmup=1000, dropout=0.1, alpha_warmup=2_000),
 }
+STAGES = ("pretrain", "caption", "vqa")
+DATA = ("digits", "official")
+# Evaluation settings: generation beams, retrieval candidates re-ranked by ITM (k_test; ALBEF /
+# mPLUG: 256 on COCO) and VQA answers scored in full (128), per data kind.
+EVAL = {"digits": dict(beam_size=3, k_test=16, rank_k=16, answer_list_size=0, limit=0),
+        "official": dict(beam_size=5, k_test=256, rank_k=128, answer_list_size=3129, limit=0)}
 
 
 def model_config(size: str) -> dict:
@@ -60,21 +79,68 @@ def model_config(size: str) -> dict:
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  args = config_lib.parse_config_args(arg, size="tiny")
+  args = config_lib.parse_config_args(arg, size="tiny", stage="pretrain", data="digits",
+                                      runlocal="0")
   s = SIZES.get(args["size"])
   if s is None:
     raise ValueError(f"size={args['size']!r}; valid sizes: {sorted(SIZES)}")
+  for key, valid in (("stage", STAGES), ("data", DATA)):
+    if args[key] not in valid:
+      raise ValueError(f"{key}={args[key]!r}; valid: {list(valid)}")
+  stage, official = args["stage"], args["data"] == "official"
   config = config_lib.base_config()
+  config.family = "mplug"
   config.model = ml_collections.ConfigDict(model_config(args["size"]))
-  config.mplug = config_lib.mplug_defaults()
-  config.mplug.queue_size = s["queue"]
-  config.data.dataset = "digits_vl"
-  config.data.vocab_size = min(s["vocab"] - 1, 320)
+  if official:
+    config.model.vision_encoder.channels = 3
   config.data.seq_len = s["text_len"]
+  config.data.image_preprocessing = "clip" if official else "digits"
+  # The tokenizer's size; the model's vocabulary has one more id on top: [MASK].
+  config.data.vocab_size = min(s["vocab"] - 1, 320) if not official else s["vocab"] - 1
   config.batch_size = s["batch"]
-  config.num_train_steps = s["steps"]
   config.optimizer.learning_rate = s["lr"]
   config.optimizer.warmup_steps = s["warmup"]
   config.optimizer.weight_decay = 0.02
-  config.log_every_steps = 50
+  ev = EVAL[args["data"]]
+  if stage == "pretrain":
+    config.objective = "mplug_pretrain"
+    config.mplug = config_lib.mplug_defaults()
+    config.mplug.queue_size = s["queue"]
+    # ALBEF ramps alpha from 0 over the first epoch: the momentum model starts as a copy of
+    # a random init, so its soft targets mean nothing at first.
+    config.mplug.alpha_warmup_steps = s["alpha_warmup"]
+    config.data.dataset = "coco_karpathy" if official else "digits_vl"
+    config.data.tasks = ("caption",)
+    config.num_train_steps = s["steps"]
+    config.evals = ml_collections.ConfigDict({
+        "retrieval": dict(type="retrieval", split="test", limit=ev["limit"],
+                          k_test=ev["k_test"], every_steps=-1),
+        "zero_shot_caption": dict(type="captioning", split="test", limit=ev["limit"],
+                                  beam_size=ev["beam_size"], every_steps=-1),
+    })
+  else:
+    config.objective = "mplug_seq2seq"
+    config.num_train_steps = s["finetune_steps"]
+    config.optimizer.warmup_steps = max(1, s["warmup"] // 2)
+    config.data.tasks = (stage,)
+    if stage == "caption":
+      config.data.dataset = "coco_karpathy" if official else "digits_vl"
+      config.evals = ml_collections.ConfigDict({
+          "caption": dict(type="captioning", split="test", limit=ev["limit"],
+                          beam_size=ev["beam_size"], every_steps=-1)})
+    else:
+      config.data.dataset = "vqav2" if official else "digits_vl"
+      split = "validation" if official else "test"
+      config.evals = ml_collections.ConfigDict({
+          "vqa": dict(type="vqa", split=split, limit=ev["limit"], beam_size=ev["beam_size"],
+                      every_steps=-1),
+          "vqa_rank": dict(type="vqa", split=split, limit=ev["limit"], mode="rank",
+                           rank_k=ev["rank_k"], answer_list_size=ev["answer_list_size"],
+                           every_steps=-1)})
+  config.eval_every_steps = config.checkpoint_every_steps = max(1, config.num_train_steps // 4)
+  config.log_every_steps = max(1, min(50, config.num_train_steps // 10))
+  config.sample.max_new_tokens = 0
+  if args["runlocal"] == "1":
+    config_lib.set_runlocal(config)
   return config_lib.finalize(config)
+

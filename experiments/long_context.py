@@ -29,7 +29,7 @@ import optax
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from metalm_jax import objectives  # noqa: E402
+from metalm_jax import families, objectives  # noqa: E402
 from metalm_jax.data import datasets, pipeline  # noqa: E402
 from metalm_jax.train import checkpoint as checkpoint_lib  # noqa: E402
 from metalm_jax.train import state as state_lib  # noqa: E402
@@ -78,7 +78,7 @@ def evaluate(module, config, seq_len: int, batch_size: int) -> dict:
   from flax import nnx
 
   source = datasets.data_source("pydoc_topics", "validation", config.data.data_dir)
-  tokenizer = trainer.load_tokenizer(config.data)
+  tokenizer = families.build(config).tokenizer
   graphdef, state = nnx.split(module)
   fn = jax.jit(lambda state, batch: _loss_sums(nnx.merge(graphdef, state), batch,
                                                config.data.seq_len))

@@ -3,11 +3,14 @@ r"""Train any config: `python experiments/train.py --config=configs/<name>.py[:a
   python experiments/train.py --config=configs/decoder_lm.py --workdir=workdirs/tiny
   python experiments/train.py --config=configs/decoder_lm.py:size=small --workdir=workdirs/small \
       --config.optimizer.learning_rate=1e-3 --config.num_train_steps=5000
+  python experiments/train.py --config=configs/mplug.py:stage=vqa --workdir=workdirs/vqa \
+      --config.init_from.checkpoint=workdirs/mplug_pretrain
 
-Running it again on the same --workdir resumes from the latest checkpoint (same data order).
-Override any config key with --config.<key>=<value>; unknown keys are errors.
+Every model family trains here (config.family: lm, metalm_vl, text_tasks, mplug). Running it
+again on the same --workdir resumes from the latest checkpoint (same data order); on a
+finished run it says so and shows the last metrics. Override any config key with
+--config.<key>=<value>; unknown keys are errors. --verbosity=1 shows third-party INFO logs.
 """
-import logging
 
 from absl import app, flags
 from ml_collections import config_flags
@@ -29,13 +32,15 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  logging.getLogger().setLevel(logging.INFO)
-  from metalm_jax.train import distributed, train_and_evaluate  # after flags (XLA_FLAGS)
+  from metalm_jax import cli  # after flags (XLA_FLAGS)
+  from metalm_jax.train import distributed, train_and_evaluate
 
+  cli.setup_logging()
   distributed.initialize(mode=_DISTRIBUTED.value, coordinator_address=_COORDINATOR.value,
                          num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value,
                          heartbeat_timeout_seconds=_HEARTBEAT.value)
-  result = train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  with cli.user_errors("train.py"):
+    result = train_and_evaluate(_CONFIG.value, _WORKDIR.value)
   print({k: v for k, v in result.items()})
 
 

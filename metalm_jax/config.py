@@ -8,15 +8,14 @@ value types, and checks `config.model` against the chosen model's constructor.
 """
 from __future__ import annotations
 
-import difflib
 import importlib.util
-import inspect
 import os
 import re
-from typing import Any
 
 import ml_collections
 
+from metalm_jax import checks
+from metalm_jax import models
 from metalm_jax import sharding
 
 
@@ -28,6 +27,11 @@ def base_config() -> ml_collections.ConfigDict:
   """Every key the trainer reads, with defaults. Config files override values only."""
   c = ml_collections.ConfigDict()
   c.seed = 0
+  # The model family (metalm_jax.families): its input pipeline, extra train state, loss and
+  # predictors. 'lm' (decoder / hybrid / metalm on packed documents), 'metalm_vl'
+  # (vision-language rows), 'text_tasks' (METALM multitask rows), 'mplug' (image-text pairs
+  # and seq2seq finetuning).
+  c.family = "lm"
 
   c.model = ml_collections.ConfigDict()
   c.model.name = "decoder"  # models registry name; other keys are the constructor's kwargs
@@ -37,8 +41,18 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.data_dir = ""  # "" = $METALM_DATA_DIR or ~/.cache/metalm_jax/data
   c.data.tokenizer = "sentencepiece"  # or 'byte' (zero setup)
   c.data.vocab_size = 2048  # SentencePiece vocabulary (ignored by the byte tokenizer)
+  c.data.tokenizer_dataset = ""  # whose train split trains SentencePiece ('' = dataset)
   c.data.seq_len = 128
   c.data.worker_count = 0  # grain worker processes; stored with the iterator state
+  c.data.train_split = "train"
+  c.data.eval_split = "validation"  # the split evaluators read unless they name another
+  # Family-specific data keys (a family refuses a non-default value of a key it does not read):
+  c.data.tasks = ()  # metalm_vl / mplug: digits tasks or 'caption' / 'vqa'; text_tasks: tasks
+  c.data.image_preprocessing = ""  # metalm_vl / mplug: digits | rgb | clip ('' = the dataset's)
+  c.data.max_images = 2  # metalm_vl: image slots per row (NLVR2 rows have 2)
+  c.data.max_input_tokens = 96  # text_tasks: the prompt's share of a row ([BOS] + input)
+  c.data.mixing_cap = 3000  # text_tasks: examples-proportional mixing cap (0 = none)
+  c.data.vqa_answers = "sample"  # mplug VQA finetuning: 'sample' a human answer or 'majority'
 
   c.objective = "causal_lm"
 
@@ -73,6 +87,23 @@ def base_config() -> ml_collections.ConfigDict:
   # (regex, ...): matching parameters get zero updates, no weight decay, no optimizer state.
   # A regex matching no parameter is an error (listing real paths) when the trainer starts.
   c.optimizer.freeze = ()
+
+  # Start from the params of another run (pretrain -> finetune): a train.py workdir, its
+  # checkpoints/ folder or a step folder. Params only; applied when the workdir has no
+  # checkpoint of its own yet. `rename`: ((regex, replacement), ...) applied to the source
+  # run's '/'-joined param paths; `skip`: regexes of this model's params that keep their
+  # fresh init (e.g. a new head). Any other mismatch is an error naming every param.
+  c.init_from = ml_collections.ConfigDict()
+  c.init_from.checkpoint = ""
+  c.init_from.step = 0  # 0 = the latest
+  c.init_from.rename = ()
+  c.init_from.skip = ()
+
+  # Evaluators, by name (metalm_jax.evaluation.evaluators): {'type': ..., 'every_steps': ...,
+  # options}. They run every `every_steps` (0 = config.eval_every_steps, -1 = at the end only)
+  # and at the last step, write to metrics.jsonl / TensorBoard under their name, and run
+  # from experiments/evaluate.py too. 'eval' is the held-out loss / perplexity.
+  c.evals = ml_collections.ConfigDict({"eval": {"type": "loss"}})
 
   c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})
   c.sharding_rules = sharding.FSDP_TP_RULES
@@ -151,10 +182,28 @@ def set_schedule(config: ml_collections.ConfigDict, *, seq_len: int, batch: int,
     config.sample.max_new_tokens = 8
     config.progress_bar = False
   if runlocal:
-    config.num_train_steps = 20
-    config.eval_every_steps = config.checkpoint_every_steps = 10
-    config.log_every_steps = 5
-    config.eval_batches = 2
+    set_runlocal(config)
+
+
+def set_runlocal(config: ml_collections.ConfigDict, *, steps: int = 6, limit: int = 8) -> None:
+  """A smoke run (a config's `runlocal=1`): `steps` steps of batches of at most 8, a
+  checkpoint and every evaluator at the end, on at most `limit` examples / 2 batches."""
+  config.num_train_steps = steps
+  config.batch_size = min(config.batch_size, 8)
+  config.eval_every_steps = config.checkpoint_every_steps = steps
+  config.log_every_steps = max(1, steps // 3)
+  config.eval_batches = 2
+  config.progress_bar = False
+  config.optimizer.warmup_steps = min(config.optimizer.warmup_steps, 1)
+  config.optimizer.grad_accum_steps = 1
+  if "mplug" in config:
+    config.mplug.queue_size = min(config.mplug.queue_size, 64)
+  for name in config.evals.keys():
+    entry = config.evals[name]
+    for key, small in (("limit", limit), ("support_size", 64), ("k_test", 4), ("rank_k", 4),
+                       ("answer_list_size", 16)):
+      if key in entry and (entry[key] == 0 or entry[key] > small):
+        entry[key] = small
 
 
 def finalize(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -164,41 +213,22 @@ def finalize(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   return config
 
 
-def _suggest(key: str, valid) -> str:
-  close = difflib.get_close_matches(key, list(valid), n=1)
-  return f" Did you mean {close[0]!r}?" if close else ""
-
-
-def _compatible(value: Any, default: Any) -> bool:
-  if default is None or value is None:
-    return True
-  if isinstance(default, bool) or isinstance(value, bool):
-    return isinstance(value, bool) and isinstance(default, bool)
-  if isinstance(default, float):
-    return isinstance(value, (int, float))
-  if isinstance(default, (tuple, list)):
-    return isinstance(value, (tuple, list))
-  if isinstance(default, (dict, ml_collections.ConfigDict)):
-    return isinstance(value, (dict, ml_collections.ConfigDict))
-  return isinstance(value, type(default))
-
-
 def _check_against(config, schema, prefix: str, free_keys=()):
   for key in config.keys():
     path = f"{prefix}.{key}"
     if key not in schema:
       if key in free_keys:
         continue
-      raise ConfigError(f"unknown config key {path!r}.{_suggest(key, schema.keys())} "
+      raise ConfigError(f"unknown config key {path!r}.{checks.suggest(key, schema.keys())} "
                         f"Valid keys of {prefix}: {sorted(schema.keys())}")
     value, default = config[key], schema[key]
     if isinstance(default, ml_collections.ConfigDict) and key not in ("mesh",):
       if not isinstance(value, (dict, ml_collections.ConfigDict)):
         raise ConfigError(f"{path} must be a section (ConfigDict), got {value!r}")
-      if key != "model":
+      if key not in ("model", "evals"):
         _check_against(value, default, path)
       continue
-    if not _compatible(value, default):
+    if not checks.compatible(value, default):
       raise ConfigError(f"{path}={value!r} has type {type(value).__name__}; expected "
                         f"{type(default).__name__} (like the default {default!r})")
 
@@ -208,49 +238,6 @@ def model_kwargs(model_config) -> tuple[str, dict]:
   kwargs = dict(model_config)
   name = kwargs.pop("name")
   return name, kwargs
-
-
-# A value of the annotated type, for type checks of arguments without a default.
-_EXAMPLE_OF_ANNOTATION = {"int": 0, "float": 0.0, "bool": False, "str": "",
-                          str(int): 0, str(float): 0.0, str(bool): False, str(str): ""}
-
-
-def _check_model(model_config):
-  from metalm_jax import models  # local: models import layers, which import this package
-
-  name, kwargs = model_kwargs(model_config)
-  if name not in models.MODELS:
-    raise ConfigError(f"config.model.name={name!r} is not a known model; known: "
-                      f"{sorted(models.MODELS)}")
-  params = inspect.signature(models.MODELS[name].__init__).parameters
-  accepted = {k: p for k, p in params.items() if k not in ("self", "rngs")
-              and p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)}
-  for key, value in kwargs.items():
-    if key not in accepted:
-      raise ConfigError(f"unknown config key 'config.model.{key}' for model {name!r}."
-                        f"{_suggest(key, accepted)} Valid keys: {sorted(accepted)}")
-    default = accepted[key].default
-    if default is inspect.Parameter.empty or default is None:
-      default = _EXAMPLE_OF_ANNOTATION.get(str(accepted[key].annotation).split(" |")[0])
-    if key.endswith("dtype"):
-      _check_dtype(f"config.model.{key}", value)
-    elif not _compatible(value, default):
-      raise ConfigError(f"config.model.{key}={value!r} has type {type(value).__name__}; "
-                        f"{name} expects {type(default).__name__} (default {default!r})")
-  missing = [k for k, p in accepted.items() if p.default is inspect.Parameter.empty
-             and k not in kwargs]
-  if missing:
-    raise ConfigError(f"config.model is missing required keys {missing} for model {name!r}")
-
-
-def _check_dtype(path: str, value) -> None:
-  import jax.numpy as jnp
-
-  try:
-    jnp.dtype(value)
-  except TypeError as e:
-    raise ConfigError(f"{path}={value!r} is not a dtype name; use e.g. 'float32' or "
-                      "'bfloat16'") from e
 
 
 def grad_accum_steps(opt_config, num_train_steps: int | None = None) -> int:
@@ -301,6 +288,49 @@ def _check_regex(name: str, pattern: str) -> None:
     raise ConfigError(f"{name}={pattern!r} is not a valid regex ({e})") from e
 
 
+def _check_evals(evals) -> None:
+  """Each `config.evals` entry is a section with a string 'type' and an int 'every_steps'
+  (if given). The type's own options are checked by `evaluation.evaluators` when the trainer
+  builds them."""
+  for name in evals.keys():
+    entry = evals[name]
+    where = f"config.evals.{name}"
+    if name == "train" or "/" in name:
+      raise ConfigError(f"{where}: 'train' and names with '/' are reserved; rename it")
+    if not isinstance(entry, (dict, ml_collections.ConfigDict)):
+      raise ConfigError(f"{where} must be a section like {{'type': 'loss'}}, got {entry!r}")
+    if not isinstance(entry.get("type"), str):
+      raise ConfigError(f"{where} needs a 'type' (an evaluator name, e.g. 'loss', 'vqa', "
+                        "'captioning', 'retrieval', 'nlvr2', 'text_tasks')")
+    every = entry.get("every_steps", 0)
+    if isinstance(every, bool) or not isinstance(every, int) or every < -1:
+      raise ConfigError(f"{where}.every_steps={every!r} must be an int: N > 0 steps, 0 = "
+                        "config.eval_every_steps, -1 = at the end only")
+
+
+def init_from_renames(init_config) -> list[tuple[str, str]]:
+  """`config.init_from.rename` as [(regex, replacement)], each checked."""
+  pairs = []
+  for i, pair in enumerate(init_config.get("rename", ()) or ()):
+    if (not isinstance(pair, (tuple, list)) or len(pair) != 2
+        or not all(isinstance(x, str) for x in pair)):
+      raise ConfigError(f"config.init_from.rename[{i}]={pair!r} must be a (regex, replacement) "
+                        "pair of strings, e.g. rename=(('^head/', 'lm_head/'),)")
+    _check_regex(f"config.init_from.rename[{i}]", pair[0])
+    pairs.append((pair[0], pair[1]))
+  return pairs
+
+
+def init_from_skips(init_config) -> tuple[str, ...]:
+  """`config.init_from.skip` as a tuple of regexes, each checked."""
+  patterns = tuple(init_config.get("skip", ()) or ())
+  for i, pattern in enumerate(patterns):
+    if not isinstance(pattern, str):
+      raise ConfigError(f"config.init_from.skip[{i}]={pattern!r} must be a regex string")
+    _check_regex(f"config.init_from.skip[{i}]", pattern)
+  return patterns
+
+
 def _check_optimizer(config: ml_collections.ConfigDict) -> None:
   """grad_accum_steps, lr_multipliers and freeze. Their regexes are matched against the
   model's parameters when the optimizer is built (train.state.make_optimizer)."""
@@ -321,7 +351,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
   for key in ("model", "data", "optimizer", "sample"):
     if key not in config:
       raise ConfigError(f"config.{key} is missing; start configs from metalm_jax.config.base_config()")
-  _check_model(config.model)
+  name, kwargs = model_kwargs(config.model)
+  try:
+    models.check_model(name, kwargs)
+  except checks.KwargsError as e:
+    raise ConfigError(str(e)) from e
   if config.nan_policy not in ("stop", "skip"):
     raise ConfigError(f"config.nan_policy={config.nan_policy!r}; valid: 'stop', 'skip'")
   for key in ("batch_size", "num_train_steps", "log_every_steps", "checkpoint_every_steps",
@@ -329,10 +363,16 @@ def validate(config: ml_collections.ConfigDict) -> None:
     if config[key] <= 0:
       raise ConfigError(f"config.{key}={config[key]} must be positive")
   _check_optimizer(config)
+  _check_evals(config.evals)
+  init_from_renames(config.init_from)
+  init_from_skips(config.init_from)
+  if config.init_from.step < 0:
+    raise ConfigError(f"config.init_from.step={config.init_from.step} must be >= 0 (0 = the "
+                      "latest checkpoint)")
   if config.data.seq_len <= 1:
     raise ConfigError(f"config.data.seq_len={config.data.seq_len} must be > 1")
   max_len = dict(config.model).get("max_len")
   if max_len is not None and config.data.seq_len > max_len:
     raise ConfigError(f"config.data.seq_len={config.data.seq_len} exceeds config.model.max_len="
                       f"{max_len}; raise model.max_len or shorten the sequences")
-  sharding._rules_dict(config.sharding_rules)  # raises on malformed rules
+  sharding.rules_dict(config.sharding_rules)  # raises on malformed rules

@@ -96,7 +96,8 @@ def make_mesh(shape: Mapping[str, int], devices: Sequence[jax.Device] | None = N
   return Mesh(device_array, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
 
 
-def _rules_dict(rules: Rules) -> dict[str, tuple[str, ...]]:
+def rules_dict(rules: Rules) -> dict[str, tuple[str, ...]]:
+  """A rules table as {logical axis: (mesh axes, ...)}; malformed rules are ValueErrors."""
   out = {}
   for entry in rules:
     if len(entry) != 2:
@@ -124,7 +125,7 @@ def logical_to_mesh_spec(logical: Sequence[str | None] | P, rules: Rules,
   With `mesh` and `shape`, a dimension that its mesh axes do not divide is replicated, and a
   mesh axis already used by an earlier dimension is not used again.
   """
-  table = _rules_dict(rules)
+  table = rules_dict(rules)
   used: set[str] = set()
   out = []
   for dim, name in enumerate(tuple(logical)):
@@ -226,7 +227,7 @@ def activation_spec(logical: Sequence[str | None], rules: Rules, mesh: Mesh,
   the mesh axes do not divide the dimension (a batch of 2 on 8 devices). None when no
   dimension is constrained at all: nothing to pin.
   """
-  table = _rules_dict(rules)
+  table = rules_dict(rules)
   used: set[str] = set()
   out = []
   for dim, name in enumerate(tuple(logical)):

@@ -17,6 +17,7 @@ from jax.sharding import PartitionSpec as P
 from metalm_jax import config as config_lib
 from metalm_jax import objectives, sharding
 from metalm_jax.train import state as state_lib
+from metalm_jax.train import optimizer as optimizer_lib
 from metalm_jax.train import step as step_lib
 
 BATCH, LENGTH, VOCAB = 8, 32, 256  # d_model 32: the head kernel is one row's logits
@@ -53,7 +54,7 @@ def _compiled_fsdp_step(rules):
       name="decoder", vocab_size=VOCAB, d_model=32, num_layers=2, num_heads=4, d_ff=64,
       max_len=LENGTH, scan_layers=True)))
   opt = config_lib.base_config().optimizer
-  tx = state_lib.make_optimizer(opt, 10)
+  tx = optimizer_lib.make_optimizer(opt, 10)
 
   def init(key):
     params, _ = model.init(key)
@@ -71,7 +72,7 @@ def _compiled_fsdp_step(rules):
   batch = dict(inputs=ints, targets=ints, positions=ints, segment_ids=ints,
                weights=jax.ShapeDtypeStruct((BATCH, LENGTH), jnp.float32))
   step = step_lib.make_train_step(model, tx, objectives.get("causal_lm"),
-                                  state_lib.learning_rate_schedule(opt, 10), shardings, rest,
+                                  optimizer_lib.learning_rate_schedule(opt, 10), shardings, rest,
                                   batch_sharding, mesh, rules=rules)
   return step.lower(abstract, rest, batch).compile()
 

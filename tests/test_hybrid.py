@@ -7,7 +7,7 @@ import pytest
 from flax import nnx
 
 from metalm_jax import config as config_lib
-from metalm_jax import models, sharding
+from metalm_jax import families, models, sharding
 from metalm_jax.data import datasets, pipeline
 from metalm_jax.inference.generate import generate
 from metalm_jax.models.hybrid import HybridDecoder, resolve_schedule
@@ -152,7 +152,7 @@ def test_configs_validate_and_twins_have_equal_parameter_counts():
 def test_sharded_step_equals_single_device(pydoc_data_dir, devices8):
   config = ml_collections.ConfigDict(load_config("hybrid_lm", "size=test").to_dict())
   config.data.data_dir = pydoc_data_dir
-  tokenizer = trainer.load_tokenizer(config.data)
+  tokenizer = families.build(config).tokenizer
   source = datasets.data_source("pydoc_topics", "train", pydoc_data_dir)
   batch = next(iter(pipeline.lm_dataset(source, tokenizer, seq_len=config.data.seq_len,
                                         batch_size=config.batch_size, seed=0)))

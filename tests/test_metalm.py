@@ -7,7 +7,7 @@ import pytest
 from flax import nnx
 
 from metalm_jax import masking, models, objectives
-from metalm_jax.models import freeze
+from metalm_jax.train import optimizer as freeze
 from metalm_jax.objectives import semi_causal_lm
 
 VOCAB, L = 41, 64

@@ -17,6 +17,7 @@ from metalm_jax.models import mplug
 from metalm_jax.objectives import mplug as obj
 from metalm_jax.train import mplug as mplug_train
 from metalm_jax.train import state as state_lib
+from metalm_jax.train import optimizer as optimizer_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -236,13 +237,13 @@ def test_pretrain_step_on_8_device_mesh(devices8):
   model = state_lib.Model(ml_collections.ConfigDict(TEST_MODEL))
   mesh = sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2}, devices8)
   rules = sharding.FSDP_TP_RULES
-  tx = state_lib.make_optimizer(config, 4)
+  tx = optimizer_lib.make_optimizer(config, 4)
   state, shardings, rest = mplug_train.create_pretrain_state(
       model, tx, jax.random.key(0), mesh, rules, queue_size=12)
   batch = caption_batch(batch=8)
   batch_shardings = mplug_train.batch_shardings(mesh, rules, batch)
   step = mplug_train.make_pretrain_step(
-      model, tx, state_lib.learning_rate_schedule(config, 4), shardings, rest, batch_shardings,
+      model, tx, optimizer_lib.learning_rate_schedule(config, 4), shardings, rest, batch_shardings,
       mesh, loss_weights={"itc": 1.0, "itm": 1.0, "mlm": 1.0, "prefix_lm": 1.0})
   old_momentum = jax.device_get(state.momentum)
   np.testing.assert_array_equal(jax.tree.leaves(old_momentum)[0],

@@ -38,9 +38,10 @@ def _one_process_losses(data_dir, steps, devices):
   import jax
   import numpy as np
 
-  from metalm_jax import objectives, sharding
+  from metalm_jax import families, objectives, sharding
   from metalm_jax.data import datasets, pipeline
   from metalm_jax.train import state as state_lib
+  from metalm_jax.train import optimizer as optimizer_lib
   from metalm_jax.train import step as step_lib
   from metalm_jax.train import trainer
   from tests.conftest import tiny_config
@@ -48,7 +49,7 @@ def _one_process_losses(data_dir, steps, devices):
   config = tiny_config(data_dir, num_train_steps=steps)
   objective = objectives.get(config.objective)
   source = datasets.data_source(config.data.dataset, "train", data_dir)
-  tokenizer = trainer.load_tokenizer(config.data)
+  tokenizer = families.build(config).tokenizer
   local = [iter(pipeline.lm_dataset(
       source, tokenizer, seq_len=config.data.seq_len, batch_size=config.batch_size // 2,
       seed=config.seed, shuffle=True, num_epochs=None, process_index=i, process_count=2,
@@ -56,12 +57,12 @@ def _one_process_losses(data_dir, steps, devices):
   mesh = sharding.make_mesh(config.mesh, devices)
   rules = config.sharding_rules
   model = state_lib.Model(config.model)
-  tx = state_lib.make_optimizer(config.optimizer, steps)
+  tx = optimizer_lib.make_optimizer(config.optimizer, steps)
   state, shardings, rest = state_lib.create_train_state(model, tx, jax.random.key(config.seed),
                                                         mesh, rules)
   batch_sharding = sharding.batch_sharding(mesh, rules)
   train_step = step_lib.make_train_step(
-      model, tx, objective, state_lib.learning_rate_schedule(config.optimizer, steps),
+      model, tx, objective, optimizer_lib.learning_rate_schedule(config.optimizer, steps),
       shardings, rest, batch_sharding, mesh, rules=rules)
   losses = []
   for _ in range(steps):

@@ -13,10 +13,11 @@ import pytest
 from metalm_jax import config as config_lib
 from metalm_jax import objectives
 from metalm_jax.data import pipeline
-from metalm_jax.models import freeze
+from metalm_jax.train import optimizer as freeze
 from metalm_jax.train import checkpoint as checkpoint_lib
 from metalm_jax.train import metrics as metrics_lib
 from metalm_jax.train import state as state_lib
+from metalm_jax.train import optimizer as optimizer_lib
 from metalm_jax.train import trainer
 from tests.conftest import tiny_config
 from tests.test_train import _StopAt
@@ -78,10 +79,10 @@ def test_accumulated_micro_batches_equal_one_big_batch():
   k, b, updates = 4, 3, 5
   big = [toy_batch(i, k * b) for i in range(updates)]
   micro = [jax.tree.map(lambda x: x[j * b:(j + 1) * b], batch) for batch in big for j in range(k)]
-  plain = state_lib.make_optimizer(opt_config(warmup_steps=2), updates)
+  plain = optimizer_lib.make_optimizer(opt_config(warmup_steps=2), updates)
   # Step counts (num_train_steps, warmup_steps) count micro-batches under accumulation.
   acc_config = opt_config(warmup_steps=2 * k, grad_accum_steps=k)
-  accum = state_lib.make_optimizer(acc_config, updates * k)
+  accum = optimizer_lib.make_optimizer(acc_config, updates * k)
 
   p_plain, _, hist_plain = run_updates(plain, toy_params(), big)
   p_accum, _, hist_accum = run_updates(accum, toy_params(), micro)
@@ -94,8 +95,8 @@ def test_accumulated_micro_batches_equal_one_big_batch():
   assert not jax.tree.all(jax.tree.map(jnp.array_equal, p_plain, toy_params()))
 
   # The logged rate at micro-step s is the one its group's update uses: plain's at s // k.
-  plain_lr = state_lib.learning_rate_schedule(opt_config(warmup_steps=2), updates)
-  accum_lr = state_lib.learning_rate_schedule(acc_config, updates * k)
+  plain_lr = optimizer_lib.learning_rate_schedule(opt_config(warmup_steps=2), updates)
+  accum_lr = optimizer_lib.learning_rate_schedule(acc_config, updates * k)
   steps = jnp.arange(updates * k)
   np.testing.assert_allclose(accum_lr(steps), plain_lr(steps // k), rtol=1e-6)
 
@@ -114,7 +115,7 @@ def test_bad_grad_accum_steps_is_a_config_error(value, match):
     config_lib.validate(config)
   if value == 4:
     with pytest.raises(config_lib.ConfigError, match="not a multiple"):
-      state_lib.make_optimizer(config.optimizer, config.num_train_steps)
+      optimizer_lib.make_optimizer(config.optimizer, config.num_train_steps)
 
 
 def saved_state(workdir, step=None):
@@ -167,7 +168,7 @@ def test_trainer_with_accumulation_finishes_and_resumes_mid_accumulation(
 # ---------------------------------------------------------------- freezing and multipliers
 def test_frozen_params_are_bitwise_unchanged_and_get_no_optimizer_state():
   config = opt_config(freeze=(r"^embedder/", r"^blocks/0/"), weight_decay=0.5)
-  tx = state_lib.make_optimizer(config, 10, toy_params())
+  tx = optimizer_lib.make_optimizer(config, 10, toy_params())
   start = toy_params()
   params, opt_state, _ = run_updates(tx, start, [toy_batch(i, 8) for i in range(4)])
   for path in ("embedder/embedding", "blocks/0/w", "blocks/0/b"):
@@ -185,7 +186,7 @@ def test_config_freeze_combines_with_a_trainable_mask():
   params = toy_params()
   mask = jax.tree_util.tree_map_with_path(lambda p, _: freeze.path_str(p) != "head/kernel",
                                           params)
-  tx = state_lib.make_optimizer(opt_config(freeze=("^embedder/",)), 10, params, trainable=mask)
+  tx = optimizer_lib.make_optimizer(opt_config(freeze=("^embedder/",)), 10, params, trainable=mask)
   new, _, _ = run_updates(tx, params, [toy_batch(0, 8), toy_batch(1, 8)])
   moved = {p: not np.array_equal(a, b) for p, a, b in zip(
       freeze.param_paths(params), jax.tree.leaves(new), jax.tree.leaves(params))}
@@ -195,9 +196,9 @@ def test_config_freeze_combines_with_a_trainable_mask():
 
 def test_lr_multiplier_scales_the_whole_update():
   params, grads = toy_params(), jax.grad(toy_loss)(toy_params(), toy_batch(0, 8))
-  plain = state_lib.make_optimizer(opt_config(), 10)
+  plain = optimizer_lib.make_optimizer(opt_config(), 10)
   # First match wins: '^blocks/1/' takes blocks/1 before the catch-all '^blocks/'.
-  scaled = state_lib.make_optimizer(
+  scaled = optimizer_lib.make_optimizer(
       opt_config(lr_multipliers=((r"^head/", 0.5), (r"^blocks/1/", 0.0), (r"^blocks/", 2))), 10,
       params)
   s_plain, s_scaled = plain.init(params), scaled.init(params)
@@ -215,17 +216,17 @@ def test_lr_multiplier_scales_the_whole_update():
 def test_unmatched_pattern_is_a_config_error_listing_real_paths():
   params = toy_params()
   with pytest.raises(config_lib.ConfigError) as e:
-    state_lib.make_optimizer(opt_config(freeze=("^embedder/", "^encoder/")), 10, params)
+    optimizer_lib.make_optimizer(opt_config(freeze=("^embedder/", "^encoder/")), 10, params)
   message = str(e.value)
   assert "config.optimizer.freeze[1]='^encoder/' matches no parameter" in message
   assert "'embedder', 'head'" in message and "embedder/embedding" in message
   # Also without params up front: the check runs when the optimizer state is built.
-  tx = state_lib.make_optimizer(opt_config(lr_multipliers=(("^hed/", 0.5),)), 10)
+  tx = optimizer_lib.make_optimizer(opt_config(lr_multipliers=(("^hed/", 0.5),)), 10)
   with pytest.raises(config_lib.ConfigError, match=r"lr_multipliers\[0\]='\^hed/' matches no"):
     tx.init(params)
   # A pattern that only matches what an earlier one took would be ignored: also an error.
   with pytest.raises(config_lib.ConfigError, match=r"freeze\[1\]='blocks/0/w'.*earlier"):
-    state_lib.make_optimizer(opt_config(freeze=("^blocks/", "blocks/0/w")), 10, params)
+    optimizer_lib.make_optimizer(opt_config(freeze=("^blocks/", "blocks/0/w")), 10, params)
 
 
 @pytest.mark.parametrize("key,value,match", [

@@ -37,6 +37,7 @@ from jax.sharding import AbstractMesh, NamedSharding, PartitionSpec as P
 from metalm_jax import config as config_lib
 from metalm_jax import sharding
 from metalm_jax.train import state as state_lib
+from metalm_jax.train import optimizer as optimizer_lib
 from tests.test_config import ROOT, load_config
 
 GOLDEN_DIR = os.path.join(ROOT, "tests", "golden", "sharding")
@@ -283,7 +284,7 @@ def test_optimizer_state_follows_params(family):
   """AdamW mu/nu get their parameter's sharding; scalars (count, step) and the rng: P()."""
   model = build_model(family)
   rules, mesh = sharding.FSDP_TP_RULES, abstract_mesh()
-  tx = state_lib.make_optimizer(config_lib.base_config().optimizer, num_train_steps=100)
+  tx = optimizer_lib.make_optimizer(config_lib.base_config().optimizer, num_train_steps=100)
 
   def init(params):
     return state_lib.TrainState(

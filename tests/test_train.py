@@ -5,11 +5,12 @@ import jax
 import numpy as np
 import pytest
 
-from metalm_jax import objectives, sharding
+from metalm_jax import families, objectives, sharding
 from metalm_jax.data import datasets, pipeline
 from metalm_jax.train import checkpoint as checkpoint_lib
 from metalm_jax.train import metrics as metrics_lib
 from metalm_jax.train import state as state_lib
+from metalm_jax.train import optimizer as optimizer_lib
 from metalm_jax.train import step as step_lib
 from metalm_jax.train import trainer
 from tests.conftest import tiny_config
@@ -128,8 +129,8 @@ def test_unwritable_workdir_is_a_clear_error(pydoc_data_dir, tmp_path):
 def _one_step(config, mesh, batch):
   rules = config.sharding_rules
   model = state_lib.Model(config.model)
-  tx = state_lib.make_optimizer(config.optimizer, config.num_train_steps)
-  schedule = state_lib.learning_rate_schedule(config.optimizer, config.num_train_steps)
+  tx = optimizer_lib.make_optimizer(config.optimizer, config.num_train_steps)
+  schedule = optimizer_lib.learning_rate_schedule(config.optimizer, config.num_train_steps)
   state, shardings, rest = state_lib.create_train_state(model, tx, jax.random.key(0), mesh, rules)
   batch_sharding = sharding.batch_sharding(mesh, rules)
   step = step_lib.make_train_step(model, tx, objectives.get("causal_lm"), schedule, shardings,
@@ -143,7 +144,7 @@ def _one_step(config, mesh, batch):
 
 def test_sharded_step_equals_single_device(pydoc_data_dir, devices8):
   config = tiny_config(pydoc_data_dir)
-  tokenizer = trainer.load_tokenizer(config.data)
+  tokenizer = families.build(config).tokenizer
   source = datasets.data_source("pydoc_topics", "train", pydoc_data_dir)
   batch = next(iter(pipeline.lm_dataset(source, tokenizer, seq_len=config.data.seq_len,
                                         batch_size=config.batch_size, seed=0)))

@@ -88,6 +88,7 @@ def compile_one(size: str, rules_name: str, shape: dict[str, int],
 
   from metalm_jax import objectives, sharding
   from metalm_jax.train import state as state_lib
+  from metalm_jax.train import optimizer as optimizer_lib
   from metalm_jax.train import step as step_lib
 
   config = load_config(size)
@@ -98,8 +99,8 @@ def compile_one(size: str, rules_name: str, shape: dict[str, int],
   mesh = sharding.make_mesh(shape)
   rules = sharding.RULE_SETS[rules_name]
   model = state_lib.Model(model_config)
-  tx = state_lib.make_optimizer(config.optimizer, config.num_train_steps)
-  schedule = state_lib.learning_rate_schedule(config.optimizer, config.num_train_steps)
+  tx = optimizer_lib.make_optimizer(config.optimizer, config.num_train_steps)
+  schedule = optimizer_lib.learning_rate_schedule(config.optimizer, config.num_train_steps)
   key = jax.random.key(config.seed)
   init_key, state_key = jax.random.split(key)
 
@@ -115,7 +116,7 @@ def compile_one(size: str, rules_name: str, shape: dict[str, int],
   abstract_state = jax.tree.map(
       lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract, shardings)
   rest = jax.eval_shape(lambda k: model.init(k)[1], init_key)
-  batch_axes = math.prod(mesh.shape[a] for a in sharding._rules_dict(rules).get("batch", ()))
+  batch_axes = math.prod(mesh.shape[a] for a in sharding.rules_dict(rules).get("batch", ()))
   global_batch = max(config.batch_size, jax.device_count())  # equal over rule sets
   global_batch = -(-global_batch // batch_axes) * batch_axes
   seq_len = config.data.seq_len

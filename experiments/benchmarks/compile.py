@@ -21,6 +21,7 @@ import ml_collections
 
 from metalm_jax import objectives, sharding
 from metalm_jax.train import state as state_lib
+from metalm_jax.train import optimizer as optimizer_lib
 from metalm_jax.train import step as step_lib
 
 
@@ -37,7 +38,7 @@ def _train_step_lowering(*, depth: int, scan: bool, d_model: int, seq_len: int, 
   mesh = sharding.make_mesh({"data": 1}, jax.devices()[:1])
   rules = sharding.DATA_PARALLEL_RULES
   model = state_lib.Model(model_config)
-  tx = state_lib.make_optimizer(opt, 1000)
+  tx = optimizer_lib.make_optimizer(opt, 1000)
   objective = objectives.get("causal_lm")
   key = jax.random.key(0)
 
@@ -52,7 +53,7 @@ def _train_step_lowering(*, depth: int, scan: bool, d_model: int, seq_len: int, 
   rest = jax.eval_shape(lambda k: model.init(k)[1], key)
   batch_sharding = sharding.batch_sharding(mesh, rules)
   step = step_lib.make_train_step(model, tx, objective,
-                                  state_lib.learning_rate_schedule(opt, 1000), shardings, rest,
+                                  optimizer_lib.learning_rate_schedule(opt, 1000), shardings, rest,
                                   batch_sharding, mesh, rules=rules)
   ints = jax.ShapeDtypeStruct((batch, seq_len), jnp.int32)
   batch_abstract = dict(inputs=ints, targets=ints, positions=ints, segment_ids=ints,

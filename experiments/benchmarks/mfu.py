@@ -59,6 +59,7 @@ from metalm_jax import objectives
 from metalm_jax import sharding
 from metalm_jax.models.decoder import flops_per_token
 from metalm_jax.train import state as state_lib
+from metalm_jax.train import optimizer as optimizer_lib
 from metalm_jax.train import step as step_lib
 
 
@@ -132,8 +133,8 @@ def setup(mconfig: dict, batch: int, seq_len: int, steps: int = 1000):
   rules = sharding.DATA_PARALLEL_RULES
   opt = config_lib.base_config().optimizer
   model = state_lib.Model(mconfig)
-  tx = state_lib.make_optimizer(opt, steps)
-  schedule = state_lib.learning_rate_schedule(opt, steps)
+  tx = optimizer_lib.make_optimizer(opt, steps)
+  schedule = optimizer_lib.learning_rate_schedule(opt, steps)
   state, shardings, rest = state_lib.create_train_state(model, tx, jax.random.key(0), mesh,
                                                         rules)
   batch_shardings = sharding.batch_sharding(mesh, rules)

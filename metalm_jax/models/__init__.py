@@ -4,9 +4,9 @@
 """
 from __future__ import annotations
 
-import inspect
-
 from flax import nnx
+
+from metalm_jax import checks
 
 from metalm_jax.models.decoder import Decoder, DecoderBlock, flops_per_token, param_count
 from metalm_jax.models.hybrid import HybridDecoder
@@ -18,18 +18,21 @@ from metalm_jax.models.mplug import MPlug, SkipConnectedFusion, fusion_pattern  
 MODELS['mplug'] = MPlug
 
 
-def build_model(name: str, *, rngs: nnx.Rngs, **kwargs) -> nnx.Module:
-  """Builds MODELS[name](**kwargs, rngs=rngs); unknown names and kwargs are errors."""
+def check_model(name: str, kwargs) -> None:
+  """Raises checks.KwargsError for an unknown model name, or a key / value of `kwargs` (and
+  of its sub-module dicts) that the model does not take: the one place model configs are
+  checked (`config.validate` and `build_model` both call it)."""
   if name not in MODELS:
-    raise ValueError(f'Unknown model {name!r}; known models: {sorted(MODELS)}.')
-  cls = MODELS[name]
-  accepted = [p for p in inspect.signature(cls.__init__).parameters if p not in ('self', 'rngs')]
-  unknown = sorted(set(kwargs) - set(accepted))
-  if unknown:
-    raise TypeError(f'Unknown argument(s) {unknown} for model {name!r}; '
-                    f'accepted: {accepted}.')
-  return cls(**kwargs, rngs=rngs)
+    raise checks.KwargsError(f'config.model.name={name!r} is not a known model; known: '
+                             f'{sorted(MODELS)}')
+  checks.check_kwargs(MODELS[name], kwargs, 'config.model')
+
+
+def build_model(name: str, *, rngs: nnx.Rngs, **kwargs) -> nnx.Module:
+  """Builds MODELS[name](**kwargs, rngs=rngs) after `check_model`."""
+  check_model(name, kwargs)
+  return MODELS[name](**kwargs, rngs=rngs)
 
 
 __all__ = ['MODELS', 'Decoder', 'DecoderBlock', 'MPlug', 'MetaLM', 'SkipConnectedFusion',
-           'build_model', 'flops_per_token', 'fusion_pattern', 'param_count']
+           'build_model', 'check_model', 'flops_per_token', 'fusion_pattern', 'param_count']

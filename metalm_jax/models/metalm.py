@@ -34,6 +34,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from metalm_jax import checks
 from metalm_jax.masking import semi_causal_mask
 from metalm_jax.models.connector import Connector
 from metalm_jax.models.decoder import Decoder
@@ -42,17 +43,6 @@ from metalm_jax.models.vision_encoder import VisionEncoder
 
 MODES = ('dual', 'single', 'causal')
 DropoutRngs = nnx.Rngs | jax.Array | None
-
-
-def _build(cls, kwargs: Mapping, where: str, **extra):
-  """cls(**kwargs, **extra); unknown keys are errors naming config.model.<where>.<key>."""
-  import inspect
-  accepted = [p for p in inspect.signature(cls.__init__).parameters if p not in ('self',)]
-  unknown = sorted(set(kwargs) - set(accepted))
-  if unknown:
-    raise ValueError(f'unknown key(s) {unknown} in config.model.{where} for {cls.__name__}; '
-                     f'valid keys: {sorted(set(accepted) - set(extra) - {"rngs"})}.')
-  return cls(**{**dict(kwargs), **extra})
 
 
 def span_ids_from_starts(starts: jax.Array, lengths: jax.Array, length: int) -> jax.Array:
@@ -88,6 +78,13 @@ class MetaLM(nnx.Module):
       trainer, which applies `models.freeze.trainable_mask(params, trainable_layers=k)`.
   """
 
+  SUBMODULES = {
+      'decoder': checks.Submodule(Decoder),
+      'text_encoder': checks.Submodule(TextEncoder, defaulted=('vocab_size', 'max_len', 'pad_id')),
+      'vision_encoder': checks.Submodule(VisionEncoder),
+      'connector': checks.Submodule(Connector, injected=('d_in', 'd_out')),
+  }
+
   def __init__(self, *, decoder: Mapping, text_encoder: Mapping | None = None,
                vision_encoder: Mapping | None = None, connector: Mapping | None = None,
                mode: str = 'dual', max_span_len: int = 8, bos_id: int = 1, pad_id: int = 0,
@@ -106,7 +103,7 @@ class MetaLM(nnx.Module):
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.mode, self.max_span_len, self.bos_id, self.pad_id = mode, max_span_len, bos_id, pad_id
     self.trainable_encoder_layers = trainable_encoder_layers
-    self.decoder = _build(Decoder, decoder, 'decoder', **kw)
+    self.decoder = checks.build(Decoder, decoder, 'config.model.decoder', **kw)
     text, vision, projection, connect = self._build_encoders(
         text_encoder, vision_encoder, connector, **kw) if mode == 'dual' else (None,) * 4
     self.text_encoder, self.vision_encoder = text, vision
@@ -120,7 +117,7 @@ class MetaLM(nnx.Module):
     enc.setdefault('vocab_size', self.decoder.vocab_size)
     enc.setdefault('max_len', max_span_len + 1)
     enc.setdefault('pad_id', self.pad_id)
-    text = _build(TextEncoder, enc, 'text_encoder', **kw)
+    text = checks.build(TextEncoder, enc, 'config.model.text_encoder', **kw)
     if text.max_len < max_span_len + 1:
       raise ValueError(f'config.model.text_encoder.max_len={text.max_len} cannot '
                        f'hold [BOS] + max_span_len={max_span_len} tokens; raise it to '
@@ -128,7 +125,7 @@ class MetaLM(nnx.Module):
     d_enc = text.d_model
     vision = projection = None
     if vision_encoder:
-      vision = _build(VisionEncoder, vision_encoder, 'vision_encoder', **kw)
+      vision = checks.build(VisionEncoder, vision_encoder, 'config.model.vision_encoder', **kw)
       if vision.num_tokens() > max_span_len:
         raise ValueError(f'an image gives {vision.num_tokens()} tokens but '
                          f'config.model.max_span_len={max_span_len}; raise max_span_len to hold '
@@ -140,7 +137,7 @@ class MetaLM(nnx.Module):
                                               ('vision_embed', 'encoder_embed')),
             bias_init=nnx.with_partitioning(nnx.initializers.zeros_init(), ('encoder_embed',)),
             **kw)
-    connect = _build(Connector, dict(connector or {'kind': 'linear'}), 'connector',
+    connect = checks.build(Connector, dict(connector or {'kind': 'linear'}), 'config.model.connector',
                      d_in=d_enc, d_out=self.decoder.d_model, **kw)
     if connect.num_outputs(max_span_len) < max_span_len:
       raise ValueError(f'the resampler connector has num_latents={connect.num_latents} '

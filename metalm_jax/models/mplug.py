@@ -34,12 +34,12 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from metalm_jax import checks
 from metalm_jax.layers.attention import MultiHeadAttention
 from metalm_jax.layers.embeddings import Embed, LearnedPositions
 from metalm_jax.layers.masks import causal_mask
 from metalm_jax.layers.norms import LayerNorm
 from metalm_jax.models.decoder import output_head
-from metalm_jax.models.metalm import _build
 from metalm_jax.models.text_encoder import GeluFfn, TextEncoder
 from metalm_jax.models.vision_encoder import VisionEncoder
 
@@ -298,6 +298,14 @@ class MPlug(nnx.Module):
     pad_id, bos_id, eos_id: token ids (the text encoder's [CLS] is bos_id).
   """
 
+  SUBMODULES = {
+      'vision_encoder': checks.Submodule(VisionEncoder, injected=('use_cls',)),
+      'text_encoder': checks.Submodule(TextEncoder, injected=('vocab_size', 'd_model', 'pad_id')),
+      'fusion': checks.Submodule(SkipConnectedFusion, injected=('d_model', 'dropout_rate')),
+      'decoder': checks.Submodule(CrossAttentionDecoder,
+                                  injected=('vocab_size', 'd_model', 'dropout_rate')),
+  }
+
   def __init__(self, *, vocab_size: int, d_model: int, vision_encoder: Mapping,
                text_encoder: Mapping, fusion: Mapping, decoder: Mapping, itc_dim: int = 256,
                temperature: float = 0.07, min_temperature: float = 0.001,
@@ -313,9 +321,10 @@ class MPlug(nnx.Module):
     self.pad_id, self.bos_id, self.eos_id = pad_id, bos_id, eos_id
     self.mask_id = vocab_size - 1
     self.min_temperature, self.max_temperature = min_temperature, max_temperature
-    vit = dict(vision_encoder, use_cls=True)
+    vit = dict(vision_encoder)
     vit.setdefault('dropout_rate', dropout_rate)
-    self.vision_encoder = _build(VisionEncoder, vit, 'vision_encoder', **kw)
+    self.vision_encoder = checks.build(VisionEncoder, vit, 'config.model.vision_encoder',
+                                       use_cls=True, **kw)
     d_vision = self.vision_encoder.d_model
     self.vision_projection = None if d_vision == d_model else nnx.Einsum(
         'BPV,VD->BPD', (d_vision, d_model), (d_model,),
@@ -324,12 +333,13 @@ class MPlug(nnx.Module):
         bias_init=nnx.with_partitioning(nnx.initializers.zeros_init(), ('embed',)), **kw)
     text = dict(dict(norm_position='pre', layer_norm_eps=1e-6, type_vocab_size=0), **text_encoder)
     text.setdefault('dropout_rate', dropout_rate)
-    self.text_encoder = _build(TextEncoder, text, 'text_encoder', vocab_size=vocab_size,
-                               d_model=d_model, pad_id=pad_id, **kw)
-    self.fusion = _build(SkipConnectedFusion, dict(fusion), 'fusion', d_model=d_model,
-                         **common)
-    self.decoder = _build(CrossAttentionDecoder, dict(decoder), 'decoder',
-                          vocab_size=vocab_size, d_model=d_model, **common)
+    self.text_encoder = checks.build(TextEncoder, text, 'config.model.text_encoder',
+                                     vocab_size=vocab_size, d_model=d_model, pad_id=pad_id,
+                                     **kw)
+    self.fusion = checks.build(SkipConnectedFusion, dict(fusion), 'config.model.fusion',
+                               d_model=d_model, **common)
+    self.decoder = checks.build(CrossAttentionDecoder, dict(decoder), 'config.model.decoder',
+                                vocab_size=vocab_size, d_model=d_model, **common)
 
     def dense(d_in, d_out, names, bias=True):
       return nnx.Einsum(

@@ -16,7 +16,8 @@ logger = logging.getLogger(__name__)
 class MetricWriter:
   """Writes scalars to `{workdir}/metrics.jsonl` and TensorBoard event files (process 0 only).
 
-  Each jsonl line is `{"step": int, "split": "train"|"eval", "time": unix, <name>: float, ...}`.
+  Each jsonl line is `{"step": int, "split": "train" | <evaluator name>, "time": unix,
+  <metric>: float, ...}` ('eval' is the held-out loss evaluator of `config.evals`).
   """
 
   def __init__(self, workdir: str, *, enabled: bool = True):
@@ -53,10 +54,15 @@ def read_metrics(workdir: str, split: str | None = None) -> list[dict]:
 
 
 class Progress:
-  """A tqdm bar over steps showing loss, tokens/s and ETA (disabled when not a TTY or off)."""
+  """A tqdm bar over steps showing loss, throughput and ETA (disabled when not a TTY or off).
 
-  def __init__(self, *, initial: int, total: int, enabled: bool, tokens_per_step: int):
-    self.tokens_per_step = tokens_per_step
+  Throughput is `units_per_step` (tokens for language models, examples for image-text
+  families: `unit`) per second.
+  """
+
+  def __init__(self, *, initial: int, total: int, enabled: bool, units_per_step: int,
+               unit: str = "tokens"):
+    self.units_per_step, self.unit = units_per_step, unit
     self._bar = None
     self._last = (time.perf_counter(), initial)
     if enabled:
@@ -65,16 +71,16 @@ class Progress:
                        file=sys.stderr, mininterval=0.5)
 
   def update(self, step: int, scalars: Mapping[str, float] | None = None) -> float:
-    """Advances to `step`; returns tokens/s since the previous call."""
+    """Advances to `step`; returns units/s since the previous call."""
     now = time.perf_counter()
     t0, s0 = self._last
     self._last = (now, step)
-    tps = (step - s0) * self.tokens_per_step / max(now - t0, 1e-9)
+    tps = (step - s0) * self.units_per_step / max(now - t0, 1e-9)
     if self._bar is not None:
       self._bar.update(step - self._bar.n)
       if scalars is not None:
         shown = {k: f"{v:.3f}" for k, v in scalars.items() if k in ("loss", "eval_ppl")}
-        self._bar.set_postfix(shown, tok_s=f"{tps:,.0f}")
+        self._bar.set_postfix(shown, **{f"{self.unit[:3]}_s": f"{tps:,.0f}"})
     return tps
 
   def write(self, message: str):

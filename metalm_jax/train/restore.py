@@ -1,4 +1,4 @@
-"""Reading a checkpoint of `experiments/train.py` for evaluation or finetuning: the params.
+"""Reading a checkpoint of `experiments/train.py` for evaluation: the params (and extra state).
 
     restored = restore.restore_params("workdirs/tiny", model, mesh, rules)  # latest step
     restored.params, restored.step, restored.saved_config
@@ -17,14 +17,88 @@ from typing import Any
 
 import grain
 import jax
+import ml_collections
 import orbax.checkpoint as ocp
 
 from metalm_jax import sharding
 from metalm_jax.train import checkpoint as checkpoint_lib
 
+logger = logging.getLogger(__name__)
+
+# config.model keys that change how the model runs, not its parameters: they may differ from
+# training without being refused (a difference is logged).
+RUNTIME_MODEL_KEYS = frozenset({"dropout_rate", "attention_impl", "blockwise_threshold",
+                                "block_size", "remat_policy", "dtype"})
+# config.data keys that change the eval batches: a difference is logged (not refused), as the
+# numbers then differ from the trainer's.
+_DATA_KEYS = ("dataset", "tokenizer", "vocab_size", "seq_len")
+
+
 class CheckpointNotFoundError(FileNotFoundError):
   """--checkpoint names no checkpoint; the message says what is there instead."""
 
+
+class ConfigMismatchError(ValueError):
+  """The checkpoint was trained with other config.model values than --config."""
+
+
+def _flatten(tree: Any, prefix: str) -> dict[str, Any]:
+  if isinstance(tree, (dict, ml_collections.ConfigDict)):
+    out = {}
+    for k in tree.keys():
+      out.update(_flatten(tree[k], f"{prefix}.{k}"))
+    return out
+  return {prefix: tree}
+
+
+def model_config_differences(saved: dict, config: ml_collections.ConfigDict
+                             ) -> tuple[list[str], list[str]]:
+  """(shape differences, runtime-only differences) between a checkpoint's saved config and
+  `config`, as 'config.model.<key>: checkpoint <v> vs --config <v>' lines."""
+  want = _flatten(checkpoint_lib.config_to_dict(config)["model"], "config.model")
+  have = _flatten(saved.get("model", {}), "config.model")
+  missing = object()
+  shape, runtime = [], []
+  for key in sorted(set(want) | set(have)):
+    a, b = have.get(key, missing), want.get(key, missing)
+    if a == b:
+      continue
+    line = (f"  {key}: checkpoint {'(absent)' if a is missing else repr(a)} vs --config "
+            f"{'(absent)' if b is missing else repr(b)}")
+    (runtime if key.rsplit(".", 1)[-1] in RUNTIME_MODEL_KEYS else shape).append(line)
+  return shape, runtime
+
+
+def check_config(saved: dict | None, config: ml_collections.ConfigDict, *, where: str,
+                 allow_mismatch: bool = False) -> None:
+  """Raises ConfigMismatchError if `saved` (a checkpoint's config) has other config.model
+  values than `config`; logs runtime-only model and data differences."""
+  if not saved:
+    logger.warning("%s holds no saved config; cannot check that --config matches it", where)
+    return
+  shape, runtime = model_config_differences(saved, config)
+  if runtime:
+    logger.info("config.model differs from training in runtime-only keys (allowed):\n%s",
+                "\n".join(runtime))
+  data = [f"  config.data.{k}: checkpoint {saved.get('data', {}).get(k)!r} vs --config "
+          f"{config.data[k]!r}" for k in _DATA_KEYS
+          if k in saved.get("data", {}) and saved["data"][k] != config.data[k]]
+  if data:
+    logger.warning("the eval data differs from training (the numbers will not match the "
+                   "trainer's):\n%s", "\n".join(data))
+  if not shape:
+    return
+  differ = f"{len(shape)} config.model key{'s differ' if len(shape) > 1 else ' differs'}"
+  message = (f"{where} was trained with another model config than --config ({differ}):\n"
+             + "\n".join(shape))
+  if allow_mismatch:
+    logger.warning("%s\nproceeding anyway (--allow_config_mismatch)", message)
+    return
+  raise ConfigMismatchError(
+      message + "\nPass the config it was trained with (the --config file, its :args and any "
+      "--config.model.* overrides of the experiments/train.py command; the checkpoint's "
+      "'config' item has them all), or --allow_config_mismatch to evaluate anyway (the "
+      "parameter shapes must still agree).")
 
 
 
@@ -154,16 +228,18 @@ def check_param_shapes(manager: ocp.CheckpointManager, step: int, abstract_param
 
 @dataclasses.dataclass(frozen=True)
 class Restored:
-  """The params of one checkpoint step, where it is, and the config it was trained with."""
+  """The params (and extra state) of one checkpoint step, where it is, and the config it was
+  trained with."""
   params: Any
   step: int
   saved_config: dict | None
   directory: str  # the checkpoints/ folder
   workdir: str
+  extra: Any = None
 
 
 def restore_params(checkpoint: str, model, mesh, rules, *, step: int | None = None,
-                   check_config=None) -> Restored:
+                   check_config=None, abstract_extra=None, extra_shardings=None) -> Restored:
   """The parameters of a train.py checkpoint, placed on `mesh` by `rules`.
 
   Args:
@@ -173,6 +249,8 @@ def restore_params(checkpoint: str, model, mesh, rules, *, step: int | None = No
     step: the step (default: the step folder's, else the latest).
     check_config: optional `check_config(saved_config_or_None, where)`, called before any
       parameter is read (e.g. to refuse another model config with a clear message).
+    abstract_extra, extra_shardings: the family's extra state (`TrainState.extra`) to read
+      too, as shapes and shardings (None: params only).
 
   Raises:
     CheckpointNotFoundError: no checkpoint (of `step`) at `checkpoint`.
@@ -190,18 +268,19 @@ def restore_params(checkpoint: str, model, mesh, rules, *, step: int | None = No
     check_param_shapes(manager, step, model.abstract_params, where)
     param_shardings = sharding.state_shardings(model.abstract_params, model.logical_specs,
                                                mesh, rules)
-    target = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                          model.abstract_params, param_shardings)
+    place = lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s)
+    item = {"params": jax.tree.map(place, model.abstract_params, param_shardings)}
+    if abstract_extra is not None:
+      item["extra"] = jax.tree.map(place, abstract_extra, extra_shardings)
     try:
-      params = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
-          item={"params": target},
-          restore_args=ocp.checkpoint_utils.construct_restore_args({"params": target}),
-          partial_restore=True)))["state"]["params"]
+      state = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+          item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
+          partial_restore=True)))["state"]
     except Exception as e:  # noqa: BLE001 - name the checkpoint and the way out
       raise checkpoint_lib.CheckpointCorruptError(
           f"reading the parameters of {where} failed: {type(e).__name__}: {str(e)[:500]}\n"
           f"Pick another step (steps: {sorted(manager.all_steps())}).") from e
   finally:
     manager.close()
-  return Restored(params=params, step=int(step), saved_config=saved, directory=directory,
-                  workdir=workdir)
+  return Restored(params=state["params"], step=int(step), saved_config=saved,
+                  directory=directory, workdir=workdir, extra=state.get("extra"))

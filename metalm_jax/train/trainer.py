@@ -1,39 +1,39 @@
-"""`train_and_evaluate(config, workdir)`: the one trainer, read top to bottom.
+"""`train_and_evaluate(config, workdir)`: the one trainer for every model family, top to bottom.
 
-logging -> mesh -> input -> model / optimizer -> sharded init -> restore -> steps ->
-(metrics, eval, checkpoint) loop -> plot and a sample generation.
+logging -> family -> mesh -> input -> model / optimizer -> sharded init -> restore (or
+init_from) -> evaluators -> steps -> (metrics, evals, checkpoint) loop -> plot and sample.
+
+What differs between model families (input pipeline, extra train state, loss, predictors)
+comes from `config.family` (`metalm_jax.families`); everything else is written once here, so
+checkpoints with the data position, bitwise resume, SIGTERM / deadline, the NaN policy,
+gradient accumulation, freezing, per-module learning rates, multi-host and activation
+sharding hold for every family.
 """
 from __future__ import annotations
 
-import itertools
+import json
 import logging
 import math
 import os
-from collections.abc import Callable
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
 from metalm_jax import config as config_lib
-from metalm_jax import objectives
+from metalm_jax import families
 from metalm_jax import sharding
-from metalm_jax.models import freeze
-from metalm_jax.objectives import special_tokens
-from metalm_jax.data import datasets, pipeline, tokenizers
-from metalm_jax.inference import generate
+from metalm_jax.data import pipeline
+from metalm_jax.evaluation import evaluators as evaluators_lib
 from metalm_jax.train import checkpoint as checkpoint_lib
+from metalm_jax.train import init_from as init_from_lib
 from metalm_jax.train import metrics as metrics_lib
+from metalm_jax.train import optimizer as optimizer_lib
 from metalm_jax.train import preemption
 from metalm_jax.train import state as state_lib
 from metalm_jax.train import step as step_lib
 
 logger = logging.getLogger(__name__)
-
-
-# The split the trainer evaluates on (experiments/evaluate.py's default --split).
-EVAL_SPLIT = "validation"
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -52,49 +52,92 @@ def _check_workdir(workdir: str) -> None:
                           "directory you can write to") from e
 
 
-def load_tokenizer(data_config) -> tokenizers.Tokenizer:
-  return tokenizers.get_tokenizer(
-      data_config.tokenizer, dataset=data_config.dataset,
-      data_dir=data_config.data_dir or None, vocab_size=data_config.vocab_size)
+def check_batch(config: ml_collections.ConfigDict, mesh) -> None:
+  """ConfigError unless the global batch splits over the mesh's batch axes and processes."""
+  axes = sharding.rules_dict(config.sharding_rules).get("batch", ())
+  data_parallel = math.prod(mesh.shape[a] for a in axes)
+  if config.batch_size % data_parallel or config.batch_size % jax.process_count():
+    raise config_lib.ConfigError(
+        f"config.batch_size={config.batch_size} must be divisible by the mesh's batch axes "
+        f"({data_parallel} devices) and the process count ({jax.process_count()}); set "
+        "--config.batch_size or --config.mesh.* for this machine")
 
 
-def make_evaluator(config: ml_collections.ConfigDict, eval_step, rest, batch_shardings, *,
-                   source, tokenizer: tokenizers.Tokenizer, objective: objectives.Objective,
-                   num_batches: int | None = None,
-                   on_batch: Callable[[dict[str, float]], None] | None = None):
-  """The trainer's evaluation: returns `evaluate(params) -> {'loss', 'perplexity', 'accuracy',
-  'tokens'}`, token-weighted over one deterministic pass of `source`.
+def make_optimizer(config: ml_collections.ConfigDict, model: state_lib.Model):
+  """(tx, schedule) of `config.optimizer`, with a docked encoder's lower layers frozen when
+  `config.model.trainable_encoder_layers >= 0`."""
+  trainable = None
+  layers = dict(config.model).get("trainable_encoder_layers", -1)
+  if layers is not None and layers >= 0:
+    trainable = optimizer_lib.trainable_mask(model.abstract_params, trainable_layers=layers)
+  tx = optimizer_lib.make_optimizer(config.optimizer, config.num_train_steps,
+                                    model.abstract_params, trainable=trainable)
+  return tx, optimizer_lib.learning_rate_schedule(config.optimizer, config.num_train_steps)
 
-  Args:
-    config: the training config (batch size, sequence length, `eval_batches`).
-    eval_step: `step.make_eval_step(...)`.
-    rest: the module's non-parameter state.
-    batch_shardings: the batch sharding on the mesh.
-    source: the data source of the split to evaluate (`datasets.data_source`).
-    tokenizer: the config's tokenizer.
-    objective: the config's objective (its `prepare` transforms the rows).
-    num_batches: the first this many batches; None = `config.eval_batches`; 0 = all of them.
-    on_batch: called after each batch with the running totals (progress display).
-  """
-  local_batch = config.batch_size // jax.process_count()
-  limit = config.eval_batches if num_batches is None else num_batches
 
-  def evaluate(params) -> dict[str, float]:
-    totals = {"loss_sum": 0.0, "accuracy_sum": 0.0, "tokens": 0.0}
-    batches = pipeline.eval_batches(
-        source, tokenizer, seq_len=config.data.seq_len, batch_size=local_batch,
-        process_index=jax.process_index(), process_count=jax.process_count(),
-        prepare=objective.prepare)
-    # Every process yields the same number of batches, so a prefix stays in step too.
-    for batch in itertools.islice(batches, limit or None):
-      out = eval_step(params, rest, pipeline.make_global_batch(batch, batch_shardings))
-      for k, v in jax.device_get(out).items():
-        totals[k] += float(v)
-      if on_batch is not None:
-        on_batch(totals)
-    return step_lib.summarize_eval(totals)
+def eval_context(config, family, model, rest, mesh, state_shardings, batch_shardings,
+                 progress=logger.info) -> evaluators_lib.EvalContext:
+  """What the evaluators get (shared by the trainer and experiments/evaluate.py)."""
+  rules = config.sharding_rules
+  cache = {}
 
-  return evaluate
+  def make_eval_step():
+    if "step" not in cache:
+      cache["step"] = step_lib.make_eval_step(model, family, state_shardings, rest,
+                                              batch_shardings, mesh, rules=rules)
+    return cache["step"]
+
+  return evaluators_lib.EvalContext(
+      config=config, family=family, model=model, rest=rest, mesh=mesh, rules=rules,
+      state_shardings=state_shardings, batch_shardings=batch_shardings,
+      make_eval_step=make_eval_step,
+      make_global_batch=lambda b: pipeline.make_global_batch(b, batch_shardings),
+      progress=progress)
+
+
+def eval_path(workdir: str, name: str, step: int) -> str:
+  """Where an evaluator's full output of `step` is written."""
+  return os.path.join(workdir, "evals", name, f"step_{step}.json")
+
+
+def read_eval(workdir: str, name: str, step: int) -> dict | None:
+  """An evaluator's recorded output of `step` ({'step', 'name', 'type', 'metrics',
+  'details'}), or None if it was not run (to completion) at that step."""
+  path = eval_path(workdir, name, step)
+  if not os.path.exists(path):
+    return None
+  with open(path) as f:
+    return json.load(f)
+
+
+def run_evals(scheduled, state, step: int, *, last_step: bool, workdir: str, writer,
+              progress, skip_recorded: bool = False) -> dict[str, dict]:
+  """Runs the due evaluators on `state`; writes metrics and their output; returns
+  {name: scalars}. `skip_recorded`: an evaluator whose output of `step` exists is read back
+  instead of run again (a run resumed after its last checkpoint)."""
+  out = {}
+  for s in scheduled:
+    if not s.due(step, last_step):
+      continue
+    recorded = read_eval(workdir, s.name, step) if skip_recorded else None
+    if recorded is not None:
+      out[s.name] = recorded["metrics"]
+      continue
+    scalars, details = s.run(state.params, state.extra)
+    scalars = evaluators_lib.scalars_of(scalars)
+    out[s.name] = scalars
+    writer.write(step, s.name, scalars)
+    if writer.enabled:
+      path = eval_path(workdir, s.name, step)
+      os.makedirs(os.path.dirname(path), exist_ok=True)
+      tmp = path + ".tmp"
+      with open(tmp, "w") as f:
+        json.dump({"step": step, "name": s.name, "type": s.run.type, "metrics": scalars,
+                   "details": details}, f, indent=1, default=str)
+      os.replace(tmp, path)  # never a half-written result
+    shown = ", ".join(f"{k} {v:.4g}" for k, v in scalars.items() if k != "tokens")
+    progress.write(f"step {step}: {s.name}: {shown}")
+  return out
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
@@ -102,72 +145,43 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
   SIGTERM / SIGINT or `config.deadline_minutes` stop it cleanly: the current step finishes,
   a checkpoint is written, and the result's 'stopped' names the reason (None otherwise).
+  A workdir whose run is already complete is not trained again: its last metrics are
+  returned, and final evaluations that a kill interrupted are run.
 
-  Returns the final metrics: {'step', 'train_loss', 'eval_loss', 'eval_perplexity', 'stopped',
-  'sample' (unless stopped)}.
+  Returns the final metrics: {'step', 'train_loss', 'eval_loss', 'eval_perplexity',
+  'evals' ({name: scalars} of the last step), 'stopped', 'already_complete', 'sample'}.
   """
   config_lib.validate(config)
-  if config.model.name == "mplug":
-    raise config_lib.ConfigError(
-        "config.model.name='mplug': mPLUG pretraining keeps momentum encoders and ITC queues in "
-        "its train state (metalm_jax.train.mplug), which this trainer does not; run "
-        "`python experiments/mplug_digits.py --config=configs/mplug.py` instead.")
+  family = families.build(config)
   _check_workdir(workdir)
   is_main = jax.process_index() == 0
 
   # ---------------------------------------------------------------- mesh
   mesh = sharding.make_mesh(config.mesh)
   rules = config.sharding_rules
-  data_parallel = math.prod(mesh.shape[a] for a in sharding._rules_dict(rules).get("batch", ()))
-  if config.batch_size % data_parallel or config.batch_size % jax.process_count():
-    raise config_lib.ConfigError(
-        f"config.batch_size={config.batch_size} must be divisible by the mesh's batch axes "
-        f"({data_parallel} devices) and the process count ({jax.process_count()})")
-  logger.info("mesh %s on %d devices, %d processes", dict(mesh.shape), mesh.size,
-              jax.process_count())
+  check_batch(config, mesh)
+  logger.info("mesh %s on %d devices, %d processes; family %s", dict(mesh.shape), mesh.size,
+              jax.process_count(), family.name)
 
-  # ---------------------------------------------------------------- input
-  data_dir = config.data.data_dir or datasets.default_data_dir()
-  train_source = datasets.data_source(config.data.dataset, "train", data_dir)
-  eval_source = datasets.data_source(config.data.dataset, EVAL_SPLIT, data_dir)
-  tokenizer = load_tokenizer(config.data)
-  model_kwargs = dict(config.model)
-  vocab_size = model_kwargs.get("vocab_size") or dict(model_kwargs.get("decoder") or {}).get(
-      "vocab_size")
-  if vocab_size is not None and vocab_size < tokenizer.vocab_size:
-    raise config_lib.ConfigError(
-        f"config.model.vocab_size={vocab_size} is smaller than the tokenizer's vocabulary "
-        f"({tokenizer.vocab_size}, config.data.tokenizer={config.data.tokenizer!r}); raise it")
-  objective = objectives.get(config.objective)
-  if objective.special_tokens and vocab_size is not None:
-    try:
-      special_tokens.check_vocab(vocab_size, tokenizer.vocab_size)
-    except ValueError as e:
-      raise config_lib.ConfigError(f"config.objective={config.objective!r}: {e}") from e
-  local_batch = config.batch_size // jax.process_count()
-  train_ds = pipeline.lm_dataset(
-      train_source, tokenizer, seq_len=config.data.seq_len, batch_size=local_batch,
-      seed=config.seed, shuffle=True, num_epochs=None, process_index=jax.process_index(),
-      process_count=jax.process_count(), worker_count=config.data.worker_count,
-      prepare=objective.prepare)
-  train_iter = iter(train_ds)
-  batch_shardings = sharding.batch_sharding(mesh, rules)
-
-  # ---------------------------------------------------------------- model and optimizer
+  # ---------------------------------------------------------------- model and input
   model = state_lib.Model(config.model)
-  trainable, trainable_layers = None, model_kwargs.get("trainable_encoder_layers", -1)
-  if trainable_layers is not None and trainable_layers >= 0:  # a docked, mostly frozen encoder
-    trainable = freeze.trainable_mask(model.abstract_params, trainable_layers=trainable_layers)
-  # Also config.optimizer.freeze / lr_multipliers / grad_accum_steps (see make_optimizer): a
-  # trainer step is one micro-batch; `schedule(step)` is the rate its group's update uses.
-  tx = state_lib.make_optimizer(config.optimizer, config.num_train_steps,
-                                model.abstract_params, trainable=trainable)
-  schedule = state_lib.learning_rate_schedule(config.optimizer, config.num_train_steps)
+  family.check_model(model)
+  local_batch = config.batch_size // jax.process_count()
+  train_iter = iter(family.train_dataset(batch_size=local_batch,
+                                         process_index=jax.process_index(),
+                                         process_count=jax.process_count()))
+  batch_shardings = sharding.batch_sharding(mesh, rules, ndim=1)
+
+  # ---------------------------------------------------------------- optimizer
+  # Also config.optimizer.freeze / lr_multipliers / grad_accum_steps (optimizer.make_optimizer):
+  # a trainer step is one micro-batch; `schedule(step)` is the rate its group's update uses.
+  tx, schedule = make_optimizer(config, model)
   logger.info("model %s: %s parameters", config.model.name, f"{model.param_count():,}")
 
   # ---------------------------------------------------------------- sharded init / restore
   rng = jax.random.key(config.seed)
-  state, state_shardings, rest = state_lib.create_train_state(model, tx, rng, mesh, rules)
+  state, state_shardings, rest = state_lib.create_train_state(
+      model, tx, rng, mesh, rules, init_extra=family.init_extra)
   checkpointer = checkpoint_lib.Checkpointer(workdir, keep=config.keep_checkpoints)
   abstract = jax.eval_shape(lambda: state)
   restored, restored_step = checkpointer.restore_latest_good(
@@ -175,25 +189,35 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   if restored is not None:
     state = restored
     logger.info("resumed from step %d in %s", restored_step, checkpointer.directory)
+  elif config.init_from.checkpoint:
+    state = start_from(config, family, state, state_shardings, rng)
   start_step = int(state.step)
 
-  train_step = step_lib.make_train_step(model, tx, objective, schedule, state_shardings, rest,
-                                        batch_shardings, mesh, rules=rules,
-                                        skip_nonfinite=config.nan_policy == "skip")
-  eval_step = step_lib.make_eval_step(model, objective, state_shardings, rest,
-                                      batch_shardings, mesh, rules=rules)
-
-  evaluate = make_evaluator(config, eval_step, rest, batch_shardings, source=eval_source,
-                            tokenizer=tokenizer, objective=objective)
-
-  # ---------------------------------------------------------------- loop
+  # ---------------------------------------------------------------- evaluators
   writer = metrics_lib.MetricWriter(workdir, enabled=is_main)
-  tokens_per_step = config.batch_size * config.data.seq_len
   progress = metrics_lib.Progress(initial=start_step, total=config.num_train_steps,
                                   enabled=config.progress_bar and is_main,
-                                  tokens_per_step=tokens_per_step)
+                                  units_per_step=family.units_per_batch(config.batch_size),
+                                  unit=family.throughput_unit)
+  ctx = eval_context(config, family, model, rest, mesh, state_shardings, batch_shardings,
+                     progress=progress.write)
+  scheduled = evaluators_lib.build_all(config, ctx)
+  if start_step >= config.num_train_steps:
+    try:
+      return _already_complete(config, family, model, state, rest, rng, scheduled, workdir,
+                               writer, progress, checkpointer)
+    finally:
+      progress.close()
+      checkpointer.close()
+      writer.close()
+
+  train_step = step_lib.make_train_step(model, tx, family, schedule, state_shardings, rest,
+                                        batch_shardings, mesh, rules=rules,
+                                        skip_nonfinite=config.nan_policy == "skip")
+
+  # ---------------------------------------------------------------- loop
   config_dict = checkpoint_lib.config_to_dict(config)
-  train_loss, eval_metrics, window, stopped = float("nan"), {}, [], None
+  train_loss, evals, window, stopped = float("nan"), {}, [], None
   try:
     with preemption.StopRequest(deadline_minutes=config.deadline_minutes) as stop:
       for step in range(start_step + 1, config.num_train_steps + 1):
@@ -212,48 +236,92 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         if step % config.log_every_steps == 0 or last_step:
           mean = {k: float(np.nanmean([m[k] for m in window])) for k in window[0]}
           mean["nonfinite_skips"] = metrics["nonfinite_skips"]
-          mean["tokens_per_sec"] = progress.update(step, mean)
+          mean[f"{family.throughput_unit}_per_sec"] = progress.update(step, mean)
           writer.write(step, "train", mean)
           train_loss, window = mean["loss"], []
         else:
           progress.update(step)
-        if step % config.eval_every_steps == 0 or last_step:
-          eval_metrics = evaluate(state.params)
-          writer.write(step, "eval", eval_metrics)
-          progress.write(f"step {step}: eval loss {eval_metrics['loss']:.4f}, "
-                         f"perplexity {eval_metrics['perplexity']:.2f}")
         stopped = None if last_step else stop.requested()
+        # Checkpoint first: a kill during a long evaluation loses no training.
         if step % config.checkpoint_every_steps == 0 or last_step or stopped:
           checkpointer.save(step, state, train_iter, config_dict, force=bool(stopped))
+        if last_step:
+          checkpointer.wait()
         if stopped:
           progress.write(f"stop requested ({stopped}): checkpoint written at step {step} in "
                          f"{checkpointer.directory}; run the same command again to resume")
           break
+        step_evals = run_evals(scheduled, state, step, last_step=last_step, workdir=workdir,
+                               writer=writer, progress=progress)
+        evals.update(step_evals)
   finally:
     progress.close()
     checkpointer.close()
     writer.close()
 
   # ---------------------------------------------------------------- plot and sample
-  result = {"step": int(state.step), "train_loss": train_loss, "stopped": stopped,
-            "eval_loss": eval_metrics.get("loss"), "eval_perplexity": eval_metrics.get("perplexity")}
+  result = _result(int(state.step), train_loss, evals, stopped)
   if is_main and not stopped:
-    plot = metrics_lib.plot_loss_curve(workdir)
-    logger.info("loss curve: %s", plot)
-    if config.sample.max_new_tokens > 0:
-      result["sample"] = sample_text(model, state.params, rest, tokenizer, config.sample, rng)
-      with open(os.path.join(workdir, "sample.txt"), "w") as f:
-        f.write(result["sample"] + "\n")
-      logger.info("sample: %r", result["sample"])
+    _finish(workdir, family, model, state, rest, rng, result)
   return result
 
 
-def sample_text(model: state_lib.Model, params, rest, tokenizer, sample_config, rng) -> str:
-  """Generates a continuation of `sample_config.prompt` with the trained model."""
-  module = model.merge(jax.device_get(params), jax.device_get(rest))
-  prompt = np.concatenate([[tokenizer.bos_id], tokenizer.encode(sample_config.prompt)])
-  tokens = generate(
-      module, jnp.asarray(prompt[None], jnp.int32),
-      max_new_tokens=sample_config.max_new_tokens, rng=jax.random.fold_in(rng, 1),
-      temperature=sample_config.temperature, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id)
-  return sample_config.prompt + tokenizer.decode(np.asarray(tokens[0, len(prompt):]))
+def _result(step: int, train_loss: float, evals: dict, stopped, **extra) -> dict:
+  held_out = evals.get("eval", {})
+  return {"step": step, "train_loss": train_loss, "stopped": stopped,
+          "eval_loss": held_out.get("loss"), "eval_perplexity": held_out.get("perplexity"),
+          "evals": evals, **extra}
+
+
+def _finish(workdir, family, model, state, rest, rng, result) -> None:
+  plot = metrics_lib.plot_loss_curve(workdir)
+  if plot:
+    logger.info("loss curve: %s", plot)
+  sample = family.sample(model, state.params, rest, rng)
+  if sample is not None:
+    result["sample"] = sample
+    with open(os.path.join(workdir, "sample.txt"), "w") as f:
+      f.write(sample + "\n")
+    logger.info("sample: %r", sample)
+
+
+def _already_complete(config, family, model, state, rest, rng, scheduled, workdir, writer,
+                      progress, checkpointer) -> dict:
+  """A rerun on a finished workdir: no training; final evals a kill interrupted are run."""
+  step = int(state.step)
+  progress.write(f"the run in {workdir} is already complete at step {step} "
+                 f"(config.num_train_steps={config.num_train_steps}); nothing to train. To "
+                 "train longer, raise --config.num_train_steps; to start over, use a fresh "
+                 "--workdir.")
+  del checkpointer
+  train_rows = metrics_lib.read_metrics(workdir, "train")
+  train_loss = train_rows[-1]["loss"] if train_rows else float("nan")
+  evals = run_evals(scheduled, state, step, last_step=True, workdir=workdir, writer=writer,
+                    progress=progress, skip_recorded=True)
+  shown = "; ".join(f"{name}: " + ", ".join(f"{k} {v:.4g}" for k, v in m.items())
+                    for name, m in evals.items())
+  progress.write(f"last metrics (step {step}): train loss {train_loss:.4f}; {shown}")
+  result = _result(step, train_loss, evals, None, already_complete=True)
+  sample_path = os.path.join(workdir, "sample.txt")
+  if os.path.exists(sample_path):
+    with open(sample_path) as f:
+      result["sample"] = f.read().rstrip("\n")
+  del family, model, rest, rng
+  return result
+
+
+def start_from(config, family, state, state_shardings, rng):
+  """`state` with its params taken from `config.init_from` (and the family's extra state
+  rebuilt from them: mPLUG's momentum encoders start as copies of the loaded params)."""
+  loaded, summary = init_from_lib.load(config.init_from, jax.eval_shape(lambda: state.params),
+                                       state_shardings.params)
+  logger.info("init_from: %d params from step %d of %s; kept fresh: %s; dropped: %s",
+              summary["loaded"], summary["step"], summary["checkpoint"],
+              summary["kept"] or "none", summary["dropped"] or "none")
+  extra_key = jax.random.fold_in(rng, 2)
+
+  def replace(state, loaded):
+    params = init_from_lib.merge(state.params, loaded)
+    return state.replace(params=params, extra=family.init_extra(params, extra_key))
+
+  return jax.jit(replace, out_shardings=state_shardings, donate_argnums=(0,))(state, loaded)

@@ -1,0 +1,114 @@
+"""Family 'lm': language models on packed documents (Decoder, HybridDecoder, MetaLM).
+
+Input: `data.pipeline.lm_dataset` (documents -> [BOS] ids [EOS] chunks -> first-fit packed
+rows of `config.data.seq_len`), with the objective's `prepare` per row (spans, masks,
+permutations). Loss: `config.objective` (causal_lm, semi_causal_lm, masked_lm, a mix, or one
+registered in a notebook). No extra state. Predictor: text generation with the KV cache; the
+end-of-run sample continues `config.sample.prompt`.
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from metalm_jax import objectives
+from metalm_jax.config import ConfigError
+from metalm_jax.data import datasets, pipeline, tokenizers
+from metalm_jax.families import base
+from metalm_jax import inference
+from metalm_jax.objectives import special_tokens
+
+
+def model_vocab_size(model_config) -> int | None:
+  """The model's output vocabulary (config.model.vocab_size, or its decoder's)."""
+  kwargs = dict(model_config)
+  return kwargs.get("vocab_size") or dict(kwargs.get("decoder") or {}).get("vocab_size")
+
+
+def check_vocab(model_config, tokenizer, what: str) -> None:
+  """ConfigError when the model's vocabulary cannot hold the tokenizer's ids."""
+  vocab_size = model_vocab_size(model_config)
+  if vocab_size is not None and vocab_size < tokenizer.vocab_size:
+    raise ConfigError(
+        f"config.model.vocab_size={vocab_size} is smaller than the tokenizer's vocabulary "
+        f"({tokenizer.vocab_size}, {what}); raise it")
+
+
+class LanguageModel(base.Family):
+  """Decoder / hybrid / METALM language models on packed documents."""
+
+  name = "lm"
+  models = ("decoder", "hybrid", "metalm")
+
+  @functools.cached_property
+  def objective(self) -> objectives.Objective:
+    try:
+      return objectives.get(self.config.objective)
+    except ValueError as e:
+      raise ConfigError(str(e)) from e
+
+  def validate(self) -> None:
+    super().validate()
+    self.objective  # an unknown objective fails here, before any compute
+
+  def check_model(self, model) -> None:
+    check_vocab(self.config.model, self.tokenizer,
+                f"config.data.tokenizer={self.config.data.tokenizer!r}")
+    vocab_size = model_vocab_size(self.config.model)
+    if self.objective.special_tokens and vocab_size is not None:
+      try:
+        special_tokens.check_vocab(vocab_size, self.tokenizer.vocab_size)
+      except ValueError as e:
+        raise ConfigError(f"config.objective={self.config.objective!r}: {e}") from e
+
+  # ---------------------------------------------------------------- input
+  @functools.cached_property
+  def tokenizer(self) -> tokenizers.Tokenizer:
+    d = self.config.data
+    return tokenizers.get_tokenizer(d.tokenizer, dataset=d.tokenizer_dataset or d.dataset,
+                                    data_dir=self.data_dir, vocab_size=d.vocab_size)
+
+  def source(self, split: str):
+    return datasets.data_source(self.config.data.dataset, split, self.data_dir)
+
+  def train_dataset(self, *, batch_size: int, process_index: int, process_count: int):
+    c = self.config
+    return pipeline.lm_dataset(
+        self.source(c.data.train_split), self.tokenizer, seq_len=c.data.seq_len,
+        batch_size=batch_size, seed=c.seed, shuffle=True, num_epochs=None,
+        process_index=process_index, process_count=process_count,
+        worker_count=c.data.worker_count, prepare=self.objective.prepare)
+
+  def eval_batches(self, split: str, *, batch_size: int, process_index: int,
+                   process_count: int, num_batches: int | None):
+    del num_batches  # every process packs the same documents' count (pipeline.eval_batches)
+    return pipeline.eval_batches(
+        self.source(split), self.tokenizer, seq_len=self.config.data.seq_len,
+        batch_size=batch_size, process_index=process_index, process_count=process_count,
+        prepare=self.objective.prepare)
+
+  # ---------------------------------------------------------------- loss (traced)
+  def loss(self, model, params, rest, extra, batch, *, rng, step):
+    return base.ObjectiveLoss(self.objective).loss(model, params, rest, extra, batch, rng=rng,
+                                                   step=step)
+
+  def eval_sums(self, model, params, rest, extra, batch) -> dict:
+    return base.ObjectiveLoss(self.objective).eval_sums(model, params, rest, extra, batch)
+
+  # ---------------------------------------------------------------- prediction
+  def sample(self, model, params, rest, rng) -> str | None:
+    """Continues `config.sample.prompt` (greedy at temperature 0) for max_new_tokens."""
+    s = self.config.sample
+    if s.max_new_tokens <= 0:
+      return None
+    tokenizer = self.tokenizer
+    module = model.merge(jax.device_get(params), jax.device_get(rest))
+    prompt = np.concatenate([[tokenizer.bos_id], tokenizer.encode(s.prompt)])
+    tokens = inference.generate(
+        module, jnp.asarray(prompt[None], jnp.int32), max_new_tokens=s.max_new_tokens,
+        rng=jax.random.fold_in(rng, 1), temperature=s.temperature, eos_id=tokenizer.eos_id,
+        pad_id=tokenizer.pad_id)
+    return s.prompt + tokenizer.decode(np.asarray(tokens[0, len(prompt):]))
