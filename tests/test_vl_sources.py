@@ -194,3 +194,33 @@ def test_official_tokenizer_is_trained_once_and_shrinks_to_fit(official_dir):
   assert cached.vocab_size == tok.vocab_size
   text = "question: what number comes after this one? answer: seven"
   assert tok.decode(tok.encode(text)) == text
+
+
+def test_flickr30k_captions_from_micro_official_files(tmp_path):
+  import json
+  import os
+  from PIL import Image
+  data_dir, manual = str(tmp_path / "data"), tmp_path / "manual"
+  photos = {1000092795: ("train", (200, 30, 30)), 10002456: ("val", (30, 200, 30)),
+            1001465944: ("test", (30, 30, 200))}
+  os.makedirs(manual / "karpathy")
+  os.makedirs(manual / "flickr30k" / "flickr30k-images")
+  with open(manual / "karpathy" / "dataset_flickr30k.json", "w") as f:
+    json.dump({"dataset": "flickr30k", "images": [
+        {"filename": f"{p}.jpg", "imgid": i, "split": split, "sentids": list(range(5)),
+         "sentences": [{"tokens": ["a"], "raw": f"Photo {p}, caption {k}!", "imgid": i,
+                        "sentid": k} for k in range(5)]}
+        for i, (p, (split, _)) in enumerate(photos.items())]}, f)
+  for p, (_, color) in photos.items():
+    Image.new("RGB", (40, 30), color).save(manual / "flickr30k" / "flickr30k-images" /
+                                           f"{p}.jpg", quality=95)
+  datasets.prepare("flickr30k_karpathy", data_dir, manual_dir=str(manual))
+  source = vl_sources.vl_source("flickr30k_karpathy", "validation", data_dir, image_size=8,
+                                per_caption=True)
+  assert len(source) == 5 and source.task == "caption"
+  ex = source[3]
+  assert ex["answer"] == "Photo 10002456, caption 3!" and len(ex["references"]) == 5
+  assert (ex["id"], ex["pair_id"], ex["index"]) == (10002456, 0, 0)
+  assert ex["image"].shape == (8, 8, 3)
+  np.testing.assert_allclose(ex["image"].reshape(-1, 3).mean(0), (30, 200, 30), atol=6)
+  assert vl_sources.clean_text(ex["answer"]) == "photo 10002456, caption 3"

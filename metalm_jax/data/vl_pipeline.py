@@ -42,7 +42,8 @@ the gray channel repeated to C in 1 or 3: the batches are bit-identical to those
 
 Tokenizers: any `tokenizers.Tokenizer`. `get_vl_tokenizer('byte')` needs no setup;
 `get_vl_tokenizer('sentencepiece', data_dir=...)` trains (in ~0.1 s) and caches a small
-SentencePiece model on every text the templates can produce.
+SentencePiece model on every text the digits templates can produce; for the official data,
+`vl_sources.vl_tokenizer(data_dir, vocab_size)` (COCO captions + VQAv2 questions / answers).
 """
 import functools
 import os
