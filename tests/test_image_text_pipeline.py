@@ -200,7 +200,7 @@ def test_eval_pass_is_unshuffled_and_padded(official_dir):
   assert len(answers) == 3 and not answers[-1]["decoder_weights"][2:].any()
   question = digits.VQA_QUESTIONS[0]
   assert text_of(answers[0]["text"][0]) == vl_sources.clean_text(question)
-  scans, labels = digits.load_digits()
+  _, labels = digits.load_digits()
   first = digits.split_indices(labels)["train"][0]
   assert text_of(answers[0]["decoder_targets"][0]) == digits_official.vqa_human_answers(
       question, int(labels[first]))[0]
