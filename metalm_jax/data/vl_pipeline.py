@@ -1,9 +1,12 @@
-"""grain pipelines for vision-language examples (`digits_vl`) -> static-shape batches.
+"""grain pipelines for vision-language examples -> static-shape batches (METALM).
+
+Examples are the digits-style dicts of `digits_vl` or of any official dataset through
+`vl_sources.vl_source` (COCO / Flickr30k captions, VQAv2, OK-VQA, NLVR2).
 
 One element is ONE PROCESS's batch (B = batch size, N = max_images, S = image_size,
 C = num_channels, L = seq_len); every shape is fixed, so one compilation serves a run:
 
-    images         float32 [B, N, S, S, C]  pixels in [0, 1]; zeros where image_mask is False
+    images         float32 [B, N, S, S, C]  pixels (`image_kind`); zeros where image_mask is False
     image_mask     bool    [B, N]           True for a real image (NLVR2 rows have 2, others 1)
     inputs         int32   [B, L]           [BOS] prompt answer, then PAD (0)
     targets        int32   [B, L]           the next token of each input: prompt answer [EOS]
@@ -25,17 +28,22 @@ for N = 2 the left image, then the right), followed by the L text positions:
 Text is `prompts.prompt_text(example)` ("Summarize this image:" or "question: {q}
 answer:") and `prompts.target_text(example)` (" " + answer), tokenized separately and
 concatenated, so the answer tokens are exactly those a model generates after the prompt.
+An answer too long for L is cut (its first tokens, then EOS), never an error.
 `weights` train the answer only (finetuning / VQA). A semi-causal objective may instead
 pick its own split of the text: its `prepare(row, rng)` sees single rows (shapes without
 B) and may re-derive weights from `prompt_length` / `text_length`, e.g. let the encoder
 see the images + a random-length text prefix and the decoder predict the rest.
 
-Images are stored 8x8x1 uint8; `preprocess_image` scales to [0, 1], upsamples by
-nearest-neighbour to S (a multiple of 8) and repeats the gray channel to C (1 or 3).
+Images become pixels by `images.preprocess_image(kind=image_kind)`: 'digits' (default; the
+stored 8x8x1 scans scaled to [0, 1], upsampled by nearest neighbour to S, a multiple of 8,
+the gray channel repeated to C in 1 or 3: the batches are bit-identical to those before
+`images.py` existed), 'rgb' (official images, resized to uint8 [S, S, 3] by the source, in
+[0, 1]) or 'clip' (CLIP mean / std).
 
 Tokenizers: any `tokenizers.Tokenizer`. `get_vl_tokenizer('byte')` needs no setup;
 `get_vl_tokenizer('sentencepiece', data_dir=...)` trains (in ~0.1 s) and caches a small
-SentencePiece model on every text the templates can produce.
+SentencePiece model on every text the digits templates can produce; for the official data,
+`vl_sources.vl_tokenizer(data_dir, vocab_size)` (COCO captions + VQAv2 questions / answers).
 """
 import functools
 import os
@@ -46,6 +54,7 @@ import numpy as np
 
 from metalm_jax.data import datasets
 from metalm_jax.data import digits
+from metalm_jax.data import images as images_lib
 from metalm_jax.data import tokenizers
 from metalm_jax.data import prompts
 
@@ -70,28 +79,6 @@ def feature_shapes(*, seq_len: int, max_images: int = 2, image_size: int = 8,
           "text_length": (), "task": ()}
 
 
-def preprocess_image(image: np.ndarray, *, image_size: int = 8,
-                     num_channels: int = 1) -> np.ndarray:
-  """uint8 [h, w, 1] -> float32 [S, S, C] in [0, 1]: nearest-neighbour upsampling by S / h."""
-  image = np.asarray(image)
-  if image.ndim == 2:
-    image = image[..., None]
-  height, width = image.shape[:2]
-  if max(height, width) > image_size:
-    raise ValueError(f"image of {height}x{width} pixels is larger than image_size={image_size} "
-                     "(the config's maximum): raise the image size in the config, or resize the "
-                     "images when preparing the dataset.")
-  if height != width or image_size % height:
-    raise ValueError(f"image_size={image_size} must be a multiple of the square image's "
-                     f"side (image shape {image.shape}); e.g. 8, 16, 32 for digits.")
-  if num_channels not in (1, 3):
-    raise ValueError(f"num_channels={num_channels} must be 1 (gray) or 3 (gray repeated).")
-  factor = image_size // height
-  image = np.repeat(np.repeat(image, factor, axis=0), factor, axis=1)
-  image = image.astype(np.float32) / 255.0
-  return np.repeat(image[..., :1], num_channels, axis=-1)
-
-
 def prompt_tokens(example: dict, tokenizer: tokenizers.Tokenizer) -> np.ndarray:
   """[BOS] + the prompt's tokens, int32 [prompt_length]: what generation starts from."""
   ids = tokenizer.encode(prompts.prompt_text(example))
@@ -99,21 +86,26 @@ def prompt_tokens(example: dict, tokenizer: tokenizers.Tokenizer) -> np.ndarray:
 
 
 def encode_example(example: dict, tokenizer: tokenizers.Tokenizer, *, seq_len: int,
-                   max_images: int = 2, image_size: int = 8,
-                   num_channels: int = 1) -> dict[str, np.ndarray]:
-  """One `digits_vl` example -> one row of the batch format (module docstring), no B axis.
+                   max_images: int = 2, image_size: int = 8, num_channels: int = 1,
+                   image_kind: str = "digits") -> dict[str, np.ndarray]:
+  """One example -> one row of the batch format (module docstring), no B axis.
+
+  An answer too long for seq_len is cut: its first tokens and the final EOS are kept, so a
+  row never fails on a long caption.
 
   Raises:
-    ValueError: the text needs more than seq_len positions, or the example has more
-      images than max_images.
+    ValueError: the prompt alone leaves no room for an answer in seq_len, or the example
+      has more images than max_images, or an image its `image_kind` cannot take.
   """
   prompt = prompt_tokens(example, tokenizer)
   answer = tokenizer.encode(prompts.target_text(example)).astype(np.int32)
-  sequence = np.concatenate([prompt, answer, [tokenizer.eos_id]]).astype(np.int32)
+  room = seq_len - len(prompt)  # the sequence (one longer than a row) ends with EOS
+  if room < 1:
+    raise ValueError(f"The prompt {prompts.prompt_text(example)!r} takes {len(prompt)} text "
+                     f"positions, leaving no room for an answer in seq_len={seq_len}; raise "
+                     "seq_len.")
+  sequence = np.concatenate([prompt, answer[:room], [tokenizer.eos_id]]).astype(np.int32)
   text_length = len(sequence) - 1
-  if text_length > seq_len:
-    raise ValueError(f"Example {prompts.prompt_text(example)!r} needs {text_length} text "
-                     f"positions but seq_len={seq_len}; raise seq_len.")
   inputs = np.full((seq_len,), tokenizer.pad_id, np.int32)
   targets = np.full((seq_len,), tokenizer.pad_id, np.int32)
   inputs[:text_length], targets[:text_length] = sequence[:-1], sequence[1:]
@@ -125,7 +117,8 @@ def encode_example(example: dict, tokenizer: tokenizers.Tokenizer, *, seq_len: i
     raise ValueError(f"Example has {len(image_list)} images but max_images={max_images}.")
   images = np.zeros((max_images, image_size, image_size, num_channels), np.float32)
   for n, image in enumerate(image_list):
-    images[n] = preprocess_image(image, image_size=image_size, num_channels=num_channels)
+    images[n] = images_lib.preprocess_image(image, image_size=image_size,
+                                            channels=num_channels, kind=image_kind)
   return {
       "images": images, "image_mask": np.arange(max_images) < len(image_list),
       "inputs": inputs, "targets": targets, "weights": weights,
@@ -143,9 +136,16 @@ def _check_tasks(tasks: Sequence[str] | None) -> tuple[str, ...]:
   return tasks
 
 
-def _examples(source, *, tasks, seed, shuffle, num_epochs, process_index,
-              process_count) -> grain.MapDataset:
-  """This process's examples of `tasks` (filtered lazily: dropped ones read as None)."""
+def shard_examples(source, *, tasks: Sequence[str] | None = None, seed: int = 0,
+                   shuffle: bool = True, num_epochs: int | None = None, process_index: int = 0,
+                   process_count: int = 1) -> grain.MapDataset:
+  """This process's examples of `tasks`, shuffled and repeated (filtered lazily: dropped
+  examples read as None, which grain's map / batch skip).
+
+  Order: source -> examples process_index::process_count -> shuffle(seed) (a new order every
+  epoch) -> repeat(num_epochs) -> keep `tasks` (default: all of digits.TASKS).
+  """
+  tasks = _check_tasks(tasks)
   if not 0 <= process_index < process_count:
     raise ValueError(f"process_index={process_index} must be in [0, process_count="
                      f"{process_count}).")
@@ -165,12 +165,14 @@ def _has_task(example: dict, tasks: tuple[str, ...]) -> bool:
 def vl_dataset(source, tokenizer: tokenizers.Tokenizer, *, seq_len: int, batch_size: int,
                seed: int, shuffle: bool = True, num_epochs: int | None = None,
                tasks: Sequence[str] | None = None, max_images: int = 2, image_size: int = 8,
-               num_channels: int = 1, process_index: int = 0, process_count: int = 1,
-               worker_count: int = 0, prepare: Prepare | None = None) -> grain.IterDataset:
+               num_channels: int = 1, image_kind: str = "digits", process_index: int = 0,
+               process_count: int = 1, worker_count: int = 0,
+               prepare: Prepare | None = None) -> grain.IterDataset:
   """Training batches of vision-language rows for one process (see the module docstring).
 
   Args:
-    source: random-access `digits_vl` examples (`datasets.data_source('digits_vl', ...)`).
+    source: random-access examples: `vl_sources.vl_source(...)` of digits_vl or an official
+      dataset, or `datasets.data_source('digits_vl', ...)`.
     tokenizer: a `tokenizers.Tokenizer` (e.g. `get_vl_tokenizer(...)`).
     seq_len: L, text positions per row.
     batch_size: B, this process's batch size.
@@ -179,6 +181,8 @@ def vl_dataset(source, tokenizer: tokenizers.Tokenizer, *, seq_len: int, batch_s
     num_epochs: passes over the examples; None repeats forever.
     tasks: keep only these tasks (default: all of digits.TASKS).
     max_images, image_size, num_channels: N, S, C of `images`.
+    image_kind: how images become pixels (`images.preprocess_image`): 'digits' (8x8 gray,
+      nearest-neighbour), 'rgb' ([0, 1], bicubic) or 'clip' (CLIP mean / std).
     process_index, process_count: this process takes examples process_index::process_count.
     worker_count: grain worker processes (0: in this process).
     prepare: an objective's `prepare(row, rng) -> row` on each row before batching, with a
@@ -189,12 +193,13 @@ def vl_dataset(source, tokenizer: tokenizers.Tokenizer, *, seq_len: int, batch_s
   """
   if batch_size < 1:
     raise ValueError(f"batch_size={batch_size} must be >= 1.")
-  examples = _examples(source, tasks=_check_tasks(tasks), seed=seed, shuffle=shuffle,
-                       num_epochs=num_epochs, process_index=process_index,
-                       process_count=process_count)
+  images_lib.check_kind(image_kind, num_channels)
+  examples = shard_examples(source, tasks=tasks, seed=seed, shuffle=shuffle,
+                            num_epochs=num_epochs, process_index=process_index,
+                            process_count=process_count)
   rows = examples.to_iter_dataset().map(functools.partial(
       encode_example, tokenizer=tokenizer, seq_len=seq_len, max_images=max_images,
-      image_size=image_size, num_channels=num_channels))
+      image_size=image_size, num_channels=num_channels, image_kind=image_kind))
   if prepare is not None:
     rows = rows.random_map(prepare, seed=seed)
   batches = rows.batch(batch_size, drop_remainder=True)
@@ -206,7 +211,7 @@ def vl_dataset(source, tokenizer: tokenizers.Tokenizer, *, seq_len: int, batch_s
 def vl_eval_batches(source, tokenizer: tokenizers.Tokenizer, *, seq_len: int,
                     batch_size: int, tasks: Sequence[str] | None = None,
                     max_images: int = 2, image_size: int = 8, num_channels: int = 1,
-                    process_index: int = 0, process_count: int = 1,
+                    image_kind: str = "digits", process_index: int = 0, process_count: int = 1,
                     num_batches: int | None = None) -> Iterator[dict[str, np.ndarray]]:
   """One unshuffled pass for evaluation; the last batch is padded with empty rows.
 
@@ -214,12 +219,12 @@ def vl_eval_batches(source, tokenizer: tokenizers.Tokenizer, *, seq_len: int,
   same `num_batches` to all (at least ceil(max examples per process / B)); processes that
   run out yield empty batches.
   """
-  examples = _examples(source, tasks=_check_tasks(tasks), seed=0, shuffle=False,
-                       num_epochs=1, process_index=process_index,
-                       process_count=process_count)
+  images_lib.check_kind(image_kind, num_channels)
+  examples = shard_examples(source, tasks=tasks, shuffle=False, num_epochs=1,
+                            process_index=process_index, process_count=process_count)
   encode = functools.partial(encode_example, tokenizer=tokenizer, seq_len=seq_len,
                              max_images=max_images, image_size=image_size,
-                             num_channels=num_channels)
+                             num_channels=num_channels, image_kind=image_kind)
   pad = functools.partial(grain.experimental.batch_and_pad, batch_size=batch_size)
   shapes = feature_shapes(seq_len=seq_len, max_images=max_images, image_size=image_size,
                           num_channels=num_channels)
