@@ -140,7 +140,7 @@ def test_missing_datasets_are_all_named_with_their_commands(tmp_path):
   empty = str(tmp_path / "empty")
   names = ["coco_karpathy", "vqav2/short_side_384", "ok_vqa", "nlvr2", "digits_vl"]
   with pytest.raises(datasets.DatasetNotPreparedError) as error:
-    vl_sources.check_prepared(names, empty, what="The METALM VL table")
+    datasets.check_prepared(names, empty, what="The METALM VL table")
   message = str(error.value)
   assert message.startswith("The METALM VL table needs 5 dataset(s); 5 not prepared")
   for name in names:
@@ -149,13 +149,13 @@ def test_missing_datasets_are_all_named_with_their_commands(tmp_path):
   with pytest.raises(datasets.DatasetNotPreparedError, match="vqav2"):
     vl_sources.vl_source("vqav2", "train", empty)
   with pytest.raises(ValueError, match="Unknown dataset 'gqa'"):
-    vl_sources.check_prepared(["gqa"], empty, what="x")
+    datasets.check_prepared(["gqa"], empty, what="x")
 
 
 def test_only_the_missing_ones_are_named(official_dir):
-  vl_sources.check_prepared(vl_test_data.OFFICIAL, official_dir, what="x")  # all there
+  datasets.check_prepared(vl_test_data.OFFICIAL, official_dir, what="x")  # all there
   with pytest.raises(datasets.DatasetNotPreparedError) as error:
-    vl_sources.check_prepared(["vqav2", "digits_vl", "flickr30k_karpathy"], official_dir,
+    datasets.check_prepared(["vqav2", "digits_vl", "flickr30k_karpathy"], official_dir,
                               what="y")
   message = str(error.value)
   assert "2 not prepared" in message and "--dataset=vqav2 " not in message

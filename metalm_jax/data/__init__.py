@@ -42,7 +42,7 @@ from metalm_jax.data.tokenizers import train_sentencepiece
 from metalm_jax.data.vl_pipeline import vl_dataset
 from metalm_jax.data.vl_pipeline import vl_eval_batches
 from metalm_jax.data.vl_sources import answer_list
-from metalm_jax.data.vl_sources import check_prepared
+from metalm_jax.data.datasets import check_prepared
 from metalm_jax.data.vl_sources import clean_text
 from metalm_jax.data.vl_sources import vl_source
 from metalm_jax.data.vl_sources import vl_tokenizer

@@ -16,7 +16,7 @@ message gives the command that prepares it (preparing inside a multi-process tra
 would race).
 """
 import os
-from typing import Any
+from typing import Any, Sequence
 
 import tensorflow_datasets as tfds
 
@@ -103,3 +103,34 @@ def data_source(name: str, split: str, data_dir: str | None = None) -> Any:
         f"Split {split!r} of dataset {name!r} in {data_dir!r} has no examples "
         f"(split sizes: {sizes}); choose a non-empty split.")
   return builder.as_data_source(split=split)
+
+
+def check_prepared(names: Sequence[str], data_dir: str | None = None, *, what: str) -> None:
+  """Raises `datasets.DatasetNotPreparedError` naming every dataset of `names` that is not
+  prepared in data_dir, each with the command that prepares it.
+
+  Args:
+    names: dataset names ('vqav2', 'vqav2/short_side_384', 'digits_vl', 'superglue/cb', ...).
+    data_dir: the data directory (default `datasets.default_data_dir()`).
+    what: who needs them, for the message: "mPLUG's COCO pretraining".
+
+  Raises:
+    ValueError: an unknown dataset name.
+  """
+  data_dir = data_dir or default_data_dir()
+  names = list(dict.fromkeys(names))
+  builders = {n: get_builder(n, data_dir) for n in names}
+  missing = [n for n in names if not builders[n].is_prepared()]
+  if not missing:
+    return
+  manual = [n for n in missing if builders[n].MANUAL_DOWNLOAD_INSTRUCTIONS]
+  lines = [f"{what} needs {len(names)} dataset(s); {len(missing)} not prepared in "
+           f"data_dir={data_dir!r}: {', '.join(missing)}."]
+  if manual:
+    lines.append(
+        f"First put the official files of {', '.join(manual)} under "
+        f"{os.path.join(data_dir, 'downloads', 'manual')} (what to download and where: "
+        f"docs/reproducing.md, section Datasets, or official.instructions(name) / text_tasks' instructions); then")
+  lines.append("prepare each once:")
+  lines += [f"  {prepare_command(n, data_dir)}" for n in missing]
+  raise DatasetNotPreparedError("\n".join(lines))

@@ -115,27 +115,64 @@ def mixing_weights(sizes: Mapping[str, int], cap: int | None) -> dict[str, float
 def multitask_dataset(sources: Mapping[str, object], tokenizer: tokenizers.Tokenizer, *,
                       seq_len: int, batch_size: int, max_span_len: int, max_input_tokens: int,
                       seed: int, mixing_cap: int | None = 3000, encode_input: bool = True,
-                      prepare=None) -> grain.IterDataset:
+                      prepare=None, process_index: int = 0, process_count: int = 1,
+                      worker_count: int = 0) -> grain.IterDataset:
   """Endless shuffled training batches mixing the tasks' examples (module docstring).
 
   Args:
     sources: task name -> random-access examples (`datasets.data_source(...)`).
     tokenizer, seq_len, max_span_len, max_input_tokens, encode_input: see `encode_example`.
-    batch_size: rows per batch.
+    batch_size: rows per batch (this process's).
     seed: shuffling and mixing seed.
     mixing_cap: the examples-proportional cap (None: proportional to size).
     prepare: an optional objective `prepare(row, rng) -> row` applied to each row.
+    process_index, process_count: this process takes each task's examples
+      process_index::process_count (mixing weights from the whole tasks' sizes).
+    worker_count: grain worker processes (0: in this process).
   """
   if batch_size < 1:
     raise ValueError(f"batch_size={batch_size} must be >= 1.")
+  if not 0 <= process_index < process_count:
+    raise ValueError(f"process_index={process_index} must be in [0, {process_count}).")
   tasks = list(sources)
   weights = mixing_weights({t: len(s) for t, s in sources.items()}, mixing_cap)
   encode = functools.partial(encode_example, tokenizer=tokenizer, seq_len=seq_len,
                              max_span_len=max_span_len, max_input_tokens=max_input_tokens,
                              encode_input=encode_input)
-  parts = [grain.MapDataset.source(sources[t]).shuffle(seed + i).repeat(None)
-           .map(functools.partial(encode, task_index=i)) for i, t in enumerate(tasks)]
+  parts = [grain.MapDataset.source(sources[t])[process_index::process_count]
+           .shuffle(seed + i).repeat(None).map(functools.partial(encode, task_index=i))
+           for i, t in enumerate(tasks)]
   rows = grain.MapDataset.mix(parts, [weights[t] for t in tasks]).to_iter_dataset()
   if prepare is not None:
     rows = rows.random_map(prepare, seed=seed)
-  return rows.batch(batch_size, drop_remainder=True)
+  batches = rows.batch(batch_size, drop_remainder=True)
+  if worker_count:
+    batches = batches.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
+  return batches
+
+
+def eval_batches(sources: Mapping[str, object], tokenizer: tokenizers.Tokenizer, *,
+                 seq_len: int, batch_size: int, max_span_len: int, max_input_tokens: int,
+                 encode_input: bool = True, process_index: int = 0, process_count: int = 1,
+                 num_batches: int | None = None):
+  """One unshuffled pass over every task's examples in order, in batches of rows; the last
+  batch is padded with all-zero rows (weights 0). With several processes every process
+  yields the same number of batches (default: enough for the largest share)."""
+  encode = functools.partial(encode_example, tokenizer=tokenizer, seq_len=seq_len,
+                             max_span_len=max_span_len, max_input_tokens=max_input_tokens,
+                             encode_input=encode_input)
+  shares = [[(i, j) for i, s in enumerate(sources.values()) for j in range(len(s))][p::process_count]
+            for p in range(process_count)]
+  if num_batches is None:
+    num_batches = -(-max(len(s) for s in shares) // batch_size)
+  names = list(sources)
+  mine = shares[process_index]
+  empty = None
+  for b in range(num_batches):
+    part = mine[b * batch_size:(b + 1) * batch_size]
+    rows = [encode(sources[names[i]][j], task_index=i) for i, j in part]
+    if empty is None:
+      template = rows[0] if rows else encode(next(iter(sources.values()))[0])
+      empty = {k: np.zeros_like(v) for k, v in template.items()}
+    rows += [empty] * (batch_size - len(rows))
+    yield {k: np.stack([r[k] for r in rows]) for k in rows[0]}

@@ -38,8 +38,7 @@ gives one example per (image, caption k < CAPTIONS_PER_IMAGE): example i is reco
 i // 5 with caption i % 5 as its answer (a record with fewer captions repeats them), for
 training; its pair_id is the image's record index, so an image's captions are positives.
 
-Also here: `check_prepared` (one error naming every missing dataset with its prepare
-command), `clean_text` (BLIP / mPLUG's pre_caption), `answer_list` (the most frequent
+Also here: `clean_text` (BLIP / mPLUG's pre_caption), `answer_list` (the most frequent
 answers, for VQA ranking) and `vl_tokenizer` (the SentencePiece model of the official VL
 datasets, trained once per data_dir).
 
@@ -74,7 +73,6 @@ NLVR2_ANSWERS = ("false", "true")  # label 0 / 1
 CAPTIONS_PER_IMAGE = 5
 # BLIP / mPLUG cut captions and questions to 30 words.
 MAX_WORDS = 30
-DOCS = "docs/reproducing.md, section Datasets"
 
 
 def base_name(dataset: str) -> str:
@@ -84,38 +82,6 @@ def base_name(dataset: str) -> str:
 
 def _text(value) -> str:
   return value.decode("utf-8") if isinstance(value, (bytes, bytearray)) else str(value)
-
-
-# ---------------------------------------------------------------------------- checks
-def check_prepared(names: Sequence[str], data_dir: str | None = None, *, what: str) -> None:
-  """Raises `datasets.DatasetNotPreparedError` naming every dataset of `names` that is not
-  prepared in data_dir, each with the command that prepares it.
-
-  Args:
-    names: dataset names ('vqav2', 'vqav2/short_side_384', 'digits_vl', 'superglue/cb', ...).
-    data_dir: the data directory (default `datasets.default_data_dir()`).
-    what: who needs them, for the message: "mPLUG's COCO pretraining".
-
-  Raises:
-    ValueError: an unknown dataset name.
-  """
-  data_dir = data_dir or datasets.default_data_dir()
-  names = list(dict.fromkeys(names))
-  builders = {n: datasets.get_builder(n, data_dir) for n in names}
-  missing = [n for n in names if not builders[n].is_prepared()]
-  if not missing:
-    return
-  manual = [n for n in missing if builders[n].MANUAL_DOWNLOAD_INSTRUCTIONS]
-  lines = [f"{what} needs {len(names)} dataset(s); {len(missing)} not prepared in "
-           f"data_dir={data_dir!r}: {', '.join(missing)}."]
-  if manual:
-    lines.append(
-        f"First put the official files of {', '.join(manual)} under "
-        f"{os.path.join(data_dir, 'downloads', 'manual')} (what to download and where: "
-        f"{DOCS}, or official.instructions(name) / text_tasks' instructions); then")
-  lines.append("prepare each once:")
-  lines += [f"  {datasets.prepare_command(n, data_dir)}" for n in missing]
-  raise datasets.DatasetNotPreparedError("\n".join(lines))
 
 
 # ---------------------------------------------------------------------------- text
@@ -169,7 +135,7 @@ class VlSource:
     if image_size is not None and image_size < 1:
       raise ValueError(f"image_size={image_size} must be >= 1 (or None: as stored).")
     data_dir = data_dir or datasets.default_data_dir()
-    check_prepared([dataset], data_dir, what=f"vl_source({dataset!r}, {split!r})")
+    datasets.check_prepared([dataset], data_dir, what=f"vl_source({dataset!r}, {split!r})")
     builder = datasets.get_builder(dataset, data_dir)
     splits = sorted(builder.info.splits)
     for part in split.split("+"):
@@ -337,7 +303,7 @@ def vl_tokenizer(data_dir: str | None, vocab_size: int, *, name: str = "vl_offic
   path = tokenizers.sentencepiece_model_path(data_dir, name, vocab_size)
   if os.path.exists(path):
     return tokenizers.SentencePieceTokenizer(path)
-  check_prepared([caption_dataset, vqa_dataset], data_dir,
+  datasets.check_prepared([caption_dataset, vqa_dataset], data_dir,
                  what="The official vision-language tokenizer")
   texts = lambda: tokenizer_texts(data_dir, caption_dataset=caption_dataset,
                                   vqa_dataset=vqa_dataset, max_chars=max_chars)

@@ -126,4 +126,12 @@ def vl_finetune_prepare(row: dict, rng: np.random.Generator) -> dict:
 objectives.register('semi_causal_lm', loss=default_loss, prepare=prepare)
 objectives.register('semi_causal_vl', loss=vl_loss, prepare=vl_prepare)
 objectives.register('causal_vl', loss=vl_loss, prepare=vl_causal_prepare)
+def vl_causal_finetune_prepare(row: dict, rng: np.random.Generator) -> dict:
+  """The causal baseline's finetuning: images alone in the encoder (prefix 0); the row's own
+  weights (the answer) are kept."""
+  del rng
+  return dict(row, prefix_length=np.int32(0))
+
+
 objectives.register('semi_causal_vl_finetune', loss=vl_loss, prepare=vl_finetune_prepare)
+objectives.register('causal_vl_finetune', loss=vl_loss, prepare=vl_causal_finetune_prepare)
