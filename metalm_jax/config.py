@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import re
+from typing import Any
 
 import ml_collections
 
@@ -331,9 +332,41 @@ def init_from_skips(init_config) -> tuple[str, ...]:
   return patterns
 
 
+# config.optimizer's numbers: (is the value in range, the valid range in words). A value
+# outside them trains without an error but goes wrong (learning_rate=-1 climbs the loss).
+_OPTIMIZER_RANGES = {
+    "learning_rate": (lambda v: v > 0, "> 0 (the peak of the schedule, e.g. 3e-4)"),
+    "warmup_steps": (lambda v: v >= 0, ">= 0 (an int: trainer steps of linear warmup)"),
+    "end_lr_ratio": (lambda v: 0 <= v <= 1,
+                     "in [0, 1] (the cosine ends at learning_rate * end_lr_ratio)"),
+    "b1": (lambda v: 0 <= v < 1, "in [0, 1) (Adam's first-moment decay, e.g. 0.9)"),
+    "b2": (lambda v: 0 <= v < 1, "in [0, 1) (Adam's second-moment decay, e.g. 0.98)"),
+    "eps": (lambda v: v > 0, "> 0 (Adam's denominator term, e.g. 1e-8)"),
+    "weight_decay": (lambda v: v >= 0, ">= 0 (0 = no weight decay)"),
+    "grad_clip_norm": (lambda v: v >= 0, ">= 0 (0 = no clipping)"),
+}
+
+
+def _check_optimizer_number(key: str, value: Any) -> None:
+  in_range, valid = _OPTIMIZER_RANGES[key]
+  integer = key == "warmup_steps"
+  kinds = (int,) if integer else (int, float)
+  if (isinstance(value, bool) or not isinstance(value, kinds)
+      or not -float("inf") < value < float("inf")):  # NaN and inf fail
+    raise ConfigError(f"config.optimizer.{key}={value!r} must be a finite "
+                      f"{'int' if integer else 'number'}; valid: {valid}")
+  if not in_range(value):
+    raise ConfigError(f"config.optimizer.{key}={value!r} is out of range; valid: {valid}")
+
+
 def _check_optimizer(config: ml_collections.ConfigDict) -> None:
-  """grad_accum_steps, lr_multipliers and freeze. Their regexes are matched against the
-  model's parameters when the optimizer is built (train.state.make_optimizer)."""
+  """Every number of config.optimizer in its range (`_OPTIMIZER_RANGES`; the error names
+  the key, the value and the valid range), then grad_accum_steps, lr_multipliers and
+  freeze. Their regexes are matched against the model's parameters when the optimizer is
+  built (train.optimizer.make_optimizer)."""
+  for key in _OPTIMIZER_RANGES:
+    if key in config.optimizer:
+      _check_optimizer_number(key, config.optimizer[key])
   grad_accum_steps(config.optimizer, config.num_train_steps)
   lr_multiplier_pairs(config.optimizer)
   freeze_patterns(config.optimizer)

@@ -43,12 +43,26 @@ def sample_spans(doc_ids: np.ndarray, rng: np.random.Generator, *, ratio: float,
                  min_len: int, max_len: int, max_spans: int) -> tuple[np.ndarray, np.ndarray]:
   """Draws non-overlapping spans inside single documents covering about `ratio` of tokens.
 
-  Spans are placed one at a time: a length uniform in [min_len, max_len] (shortened so the
-  coverage overshoots the target by less than min_len, never below min_len), then a start
-  uniform among the positions where a span of that length fits in one document without
-  touching an earlier span. If no start fits, min_len is tried; the loop stops when the
-  target `round(ratio * #non-padding tokens)` is reached, `max_spans` spans exist, or no
-  span of min_len fits anywhere (so short documents may end below the target).
+  The target is T = round(ratio * #non-padding tokens). Spans are placed one at a time:
+    1. a length is drawn uniform in [min_len, max_len];
+    2. it is capped by the room left: the remaining target R = T - covered (when
+       R >= min_len) and the longest free stretch inside one document (so in documents
+       shorter than the drawn length the span takes the longest length that fits, never
+       falls back to min_len);
+    3. if that would leave 0 < R - length < min_len (a remainder no span can fill without
+       overshooting), the span instead takes all of R (when R <= max_len and it fits) or
+       leaves exactly min_len for one more span (when R - min_len >= min_len);
+    4. the start is uniform among the positions where a span of that length fits inside
+       one document without overlapping an earlier span. Spans may touch each other (a
+       span may start right after another ends, in the same document).
+  The loop stops when T is reached, `max_spans` spans exist, or no free stretch of min_len
+  tokens is left (short documents may then end below T). When 0 < R < min_len only a
+  min_len span can be placed, so coverage ends at T exactly when step 3 could arrange it,
+  and otherwise above it by less than min_len.
+
+  Guarantees: every span lies inside one document (padding, id 0, is never covered), spans
+  never overlap, min_len <= length <= max_len, coverage < T + min_len, and the same
+  generator state gives the same spans.
 
   Args:
     doc_ids: int [L] document (segment) id per position; 0 = padding, never covered.
@@ -72,16 +86,22 @@ def sample_spans(doc_ids: np.ndarray, rng: np.random.Generator, *, ratio: float,
   target = int(round(ratio * int(free.sum())))
   covered, spans = 0, []
   while len(spans) < max_spans and target - covered > 0:
-    want = int(rng.integers(min_len, max_len + 1))
-    want = max(min_len, min(want, target - covered + min_len - 1))
     runs = free_run_lengths(doc_ids, free)
-    for length in (want, min_len):
-      candidates = np.flatnonzero(runs >= length)
-      if candidates.size:
-        break
+    room = int(runs.max(initial=0))  # the longest free stretch inside one document
+    if room < min_len:
+      break
+    length = min(int(rng.integers(min_len, max_len + 1)), room)
+    remaining = target - covered
+    if remaining >= min_len:
+      length = min(length, remaining)
+      if 0 < remaining - length < min_len:  # a remainder no span could fill exactly
+        if remaining <= min(max_len, room):
+          length = remaining
+        elif remaining - min_len >= min_len:
+          length = remaining - min_len
     else:
-      break  # nothing of min_len fits anywhere
-    start = int(rng.choice(candidates))
+      length = min_len
+    start = int(rng.choice(np.flatnonzero(runs >= length)))
     free[start:start + length] = False
     spans.append((start, length))
     covered += length

@@ -131,3 +131,59 @@ def test_sample_spans_rejects_bad_settings(bad, match):
   kw = {**dict(ratio=0.25, min_len=2, max_len=4, max_spans=4), **bad}
   with pytest.raises(ValueError, match=match):
     masking.sample_spans(np.ones(10, np.int32), np.random.default_rng(0), **kw)
+
+
+# ---------------------------------------------------------------- issue 21: lengths and coverage
+def _short_documents(doc_len=70, length=2048):
+  """doc_len-token documents packed into one row of `length`, the tail padding."""
+  doc_ids = np.repeat(np.arange(1, length // doc_len + 1), doc_len)
+  return np.concatenate([doc_ids, np.zeros(length - doc_ids.size, int)]).astype(np.int32)
+
+
+def test_spans_in_short_documents_take_the_longest_length_that_fits():
+  """Paper settings (L=2048: 64-128 tokens, 25%) on 70-token documents: a drawn length
+  that does not fit becomes the longest that fits (64..70), not min_len. Measured on these
+  200 rows: before the change 91.6% of spans were exactly min_len (mean length 64.3);
+  after it 14.2% (mean 68.9: most draws, 70..128, become 70, a whole document)."""
+  settings_ = masking.default_span_settings(2048)
+  doc_ids = _short_documents()
+  rng = np.random.default_rng(0)
+  lengths = []
+  for _ in range(200):
+    _, row_lengths = masking.sample_spans(doc_ids, rng, **settings_)
+    lengths.extend(row_lengths[row_lengths > 0])
+  lengths = np.asarray(lengths)
+  assert lengths.min() >= 64 and lengths.max() <= 70  # bounds, and one document each
+  assert np.mean(lengths == settings_['min_len']) < 0.3
+  assert lengths.mean() > 67
+
+
+@pytest.mark.parametrize('seq_len, num_docs', [(128, 3), (2048, 6)])
+def test_coverage_stops_at_the_target(seq_len, num_docs):
+  """Documents longer than a span: coverage hits round(ratio * tokens) exactly. Before the
+  change the last span overshot by up to min_len - 1 (average 26.5% at L=128 and 27.1% at
+  L=2048 for a 25% target)."""
+  settings_ = masking.default_span_settings(seq_len)
+  rng = np.random.default_rng(1)
+  fractions = []
+  for _ in range(100):
+    cuts = np.sort(rng.choice(np.arange(seq_len // 20, seq_len - seq_len // 20),
+                              size=num_docs - 1, replace=False))
+    doc_ids = np.searchsorted(cuts, np.arange(seq_len), side='right') + 1
+    _, lengths = masking.sample_spans(doc_ids, rng, **settings_)
+    fractions.append(lengths.sum() / seq_len)
+  assert abs(np.mean(fractions) - 0.25) < 0.003
+  assert np.mean(np.asarray(fractions) == round(0.25 * seq_len) / seq_len) > 0.9
+
+
+def test_touching_spans_occur():
+  """The docstring says so: a span may start right where another ends (same document)."""
+  rng = np.random.default_rng(2)
+  touching = 0
+  for _ in range(200):
+    starts, lengths = masking.sample_spans(np.ones(40, np.int32), rng, ratio=0.5, min_len=2,
+                                           max_len=4, max_spans=20)
+    used = lengths > 0
+    ends = starts[used][:-1] + lengths[used][:-1]
+    touching += int(np.sum(ends == starts[used][1:]))
+  assert touching > 0

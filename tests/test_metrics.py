@@ -7,7 +7,10 @@ reference below).
 """
 import collections
 import math
+import random
+import re
 import shutil
+import string
 
 import pytest
 
@@ -238,11 +241,94 @@ def test_squad_normalisation_exact_match_and_f1():
   assert metrics.token_f1("the cat cat cat", "cat cat") == pytest.approx(0.8)
   # The best reference: "red" gives P = 1/2, R = 1 -> 2/3; "green" gives 0.
   assert metrics.token_f1("blue red", ["green", "red"]) == pytest.approx(2 / 3)
-  # No-answer (SQuAD 2.0): F1 is 1 if both are empty after normalisation, else 0.
-  assert metrics.token_f1("", "") == 1.0 and metrics.token_f1("the", "a") == 1.0
-  assert metrics.token_f1("", "x") == 0.0
+  # No-answer, SQuAD 2.0's rule (an explicit option): F1 is 1 if both are empty after
+  # normalisation, else 0. The default, evaluate-v1.1.py, gives 0 (test below).
+  assert metrics.token_f1("", "", squad_version="2.0") == 1.0
+  assert metrics.token_f1("the", "a", squad_version="2.0") == 1.0
+  assert metrics.token_f1("", "x") == 0.0 == metrics.token_f1("", "x", squad_version="2.0")
   assert metrics.mean_exact_match(["a", "b"], ["A.", "c"]) == 0.5
   assert metrics.mean_token_f1(["the cat sat", "x"], [["a cat sat down"], ["x"]]) == \
       pytest.approx(0.9)
   with pytest.raises(ValueError, match="at least one reference"):
     metrics.token_f1("x", [])
+
+
+# ---------------------------------------------------------------- issue 21: official versions
+def _v11_f1_reference(prediction, ground_truth):
+  """evaluate-v1.1.py's f1_score, restated step by step (written for this test)."""
+  def normalize(text):
+    text = "".join(ch for ch in text.lower() if ch not in set(string.punctuation))
+    text = re.sub(r"\b(a|an|the)\b", " ", text)
+    return " ".join(text.split())
+  pred, gold = normalize(prediction).split(), normalize(ground_truth).split()
+  num_same = sum((collections.Counter(pred) & collections.Counter(gold)).values())
+  if num_same == 0:
+    return 0
+  precision, recall = num_same / len(pred), num_same / len(gold)
+  return 2 * precision * recall / (precision + recall)
+
+
+@pytest.mark.parametrize("prediction, reference", [("the", "a"), ("", ""), (".", "!"),
+                                                   ("An!", "the ."), ("", "the")])
+def test_squad_f1_is_evaluate_v11_where_answers_normalise_to_nothing(prediction, reference):
+  """evaluate-v1.1.py gives 0 when no token is shared, empty answers included; these were
+  1.0 before (the v2.0 rule), which stays available as squad_version='2.0'."""
+  assert metrics.token_f1(prediction, [reference]) == 0.0 == \
+      _v11_f1_reference(prediction, reference)
+  assert metrics.token_f1(prediction, [reference], squad_version="2.0") == 1.0
+  assert metrics.mean_token_f1([prediction], [[reference]]) == 0.0
+
+
+def test_squad_f1_matches_the_v11_reference_on_random_answers():
+  rng = random.Random(0)
+  words = ["the", "a", "an", "cat", "Cat", "sat", "mat.", "!", "on", "-", "Denver", ""]
+  for _ in range(500):
+    prediction = " ".join(rng.choices(words, k=rng.randint(0, 4)))
+    references = [" ".join(rng.choices(words, k=rng.randint(0, 4)))
+                  for _ in range(rng.randint(1, 3))]
+    expected = max(_v11_f1_reference(prediction, r) for r in references)
+    assert metrics.token_f1(prediction, references) == pytest.approx(expected), \
+        (prediction, references)
+
+
+def test_squad_v20_drops_empty_references_unless_all_are():
+  # v1.1 compares with every reference: "" equals normalised "the".
+  assert metrics.exact_match("", ["the", "cat"]) == 1.0
+  # v2.0 drops the reference that normalises to '' (it has a real answer, "cat").
+  assert metrics.exact_match("", ["the", "cat"], squad_version="2.0") == 0.0
+  assert metrics.exact_match("", ["the", "a"], squad_version="2.0") == 1.0  # unanswerable
+  assert metrics.mean_exact_match(["", "cat"], [["the", "cat"], ["cat"]],
+                                  squad_version="2.0") == 0.5
+  with pytest.raises(ValueError, match="squad_version='3'"):
+    metrics.token_f1("x", "x", squad_version="3")
+
+
+@pytest.mark.parametrize("prediction, answers, score_2016, score_2021", [
+    # Identical answers: 2016 normalises the prediction only; 2021 processes nothing.
+    ("two", ["2"] * 10, 1.0, 0.0),
+    ("Yes", ["Yes"] * 10, 0.0, 1.0),
+    ("yes.", ["yes"] * 10, 1.0, 0.0),
+    # Differing answers: 2016 runs only processPunctuation on them (case and articles
+    # stay); 2021 runs the full normalisation on answers and prediction.
+    ("dog", ["The Dog"] * 4 + ["cat"] * 6, 0.0, 1.0),
+    ("2", ["two"] * 3 + ["2"] * 1 + ["3"] * 6, 0.3, 1.0),
+    # Same under both.
+    ("2", ["2"] * 3 + ["3"] * 7, 0.9, 0.9),
+])
+def test_vqa_eval_versions_differ_where_the_scripts_do(prediction, answers, score_2016,
+                                                        score_2021):
+  assert metrics.vqa_score(prediction, answers, official_references=True) == \
+      pytest.approx(score_2016)
+  assert metrics.vqa_score(prediction, answers, official_references=True,
+                           vqa_eval="2016") == pytest.approx(score_2016)
+  assert metrics.vqa_score(prediction, answers, official_references=True,
+                           vqa_eval="2021") == pytest.approx(score_2021)
+  assert metrics.vqa_accuracy([prediction], [answers], official_references=True,
+                              vqa_eval="2021") == pytest.approx(score_2021)
+
+
+def test_vqa_eval_version_is_checked():
+  with pytest.raises(ValueError, match="vqa_eval='master'"):
+    metrics.vqa_score("x", ["x"], official_references=True, vqa_eval="master")
+  with pytest.raises(ValueError, match="official_references=True"):
+    metrics.vqa_score("x", ["x"], vqa_eval="2021")

@@ -1,22 +1,40 @@
 """Answer metrics: the official VQA accuracy, SQuAD exact match / token F1, accuracy, recall@k.
 
 Two normalisations live here, each a faithful port of an official evaluation script (neither
-has a maintained package):
+has a maintained package); the code is written from the scripts' behaviour, not copied:
 
 - `normalize_vqa_answer`: the VQA evaluation's `processPunctuation` + `processDigitArticle`
-  (github.com/GT-Vision-Lab/VQA, PythonEvaluationTools/vqaEvaluation/vqaEval.py, master):
+  (github.com/GT-Vision-Lab/VQA, PythonEvaluationTools/vqaEvaluation/vqaEval.py):
   punctuation removed or turned into a space by the script's own rules, a period kept only
   before a digit, lowercase, number words "none"/"zero" .. "ten" as digits, articles dropped,
-  apostrophe-less contractions restored ("dont" -> "don't"). `vqa_score` uses it.
+  apostrophe-less contractions restored ("dont" -> "don't"). Those two functions are the
+  same in every version of the script; *which answers they are applied to* changed:
+    '2016' (the default here): vqaEval.py as it stood from 2016 until its 2021 change (e.g.
+      GT-Vision-Lab/VQA commit c4e6a0e): the prediction is always stripped and normalised
+      (punctuation + digits / articles); the human answers are only passed through
+      processPunctuation, and only when they are not all identical.
+    '2021': the script's master since then (commit a013f00): answers and prediction are
+      stripped; when the human answers are not all identical, both the answers and the
+      prediction get punctuation + digits / articles; when they are all identical,
+      neither is processed (a raw, case-sensitive comparison).
+  `vqa_score(..., official_references=True, vqa_eval='2016' | '2021')` reproduces either;
+  the default (official_references=False) normalises answers and prediction alike.
 - `normalize_squad_answer`: SQuAD's `normalize_answer` (rajpurkar.github.io/SQuAD-explorer,
-  evaluate-v2.0.py; v1.1 is the same): lowercase, every `string.punctuation` character
-  deleted, articles dropped, whitespace collapsed. `exact_match` and `token_f1` use it.
+  evaluate-v1.1.py; v2.0 normalises the same way): lowercase, every `string.punctuation`
+  character deleted, articles dropped, whitespace collapsed. `exact_match` and `token_f1`
+  use it. They score as evaluate-v1.1.py by default (`squad_version='1.1'`): F1 is 0 when
+  no token is shared, so an empty (or all-article / all-punctuation) prediction scores 0
+  even against an empty reference. `squad_version='2.0'` is evaluate-v2.0.py's rule for
+  unanswerable questions: references that normalise to '' are dropped unless all do, and
+  an empty prediction against an empty reference scores F1 1.
 
 `normalize_answer` is the older, simplified VQA-style normaliser (kept for its callers).
 
     normalize_vqa_answer("Two dogs!") == "2 dogs"
     vqa_score("two", ["2"] * 2 + ["3"] * 8) == 0.6  # leave-one-out: (2 * 1/3 + 8 * 2/3) / 10
     token_f1("the cat sat", ["a cat sat down"]) == 0.8
+    token_f1("the", ["a"]) == 0.0                         # evaluate-v1.1.py
+    token_f1("the", ["a"], squad_version="2.0") == 1.0    # evaluate-v2.0.py
 """
 import collections
 import re
@@ -131,8 +149,30 @@ def normalize_vqa_answer(answer: str) -> str:
   return vqa_process_digit_article(vqa_process_punctuation(answer))
 
 
+VQA_EVAL_VERSIONS = ("2016", "2021")
+
+
+def _vqa_strip(text: str) -> str:
+  return text.replace("\n", " ").replace("\t", " ").strip()
+
+
+def _official_vqa_answers(prediction: str, answers: Sequence[str],
+                          vqa_eval: str) -> tuple[str, list[str]]:
+  """(prediction, human answers) as vqaEval.py version `vqa_eval` compares them."""
+  if vqa_eval == "2016":
+    answers = list(answers)  # (vqaEval.py 2016 does not strip the references)
+    if len(set(answers)) > 1:
+      answers = [vqa_process_punctuation(a) for a in answers]
+    return normalize_vqa_answer(prediction), answers
+  prediction, answers = _vqa_strip(prediction), [_vqa_strip(a) for a in answers]
+  if len(set(answers)) > 1:
+    answers = [vqa_process_digit_article(vqa_process_punctuation(a)) for a in answers]
+    prediction = vqa_process_digit_article(vqa_process_punctuation(prediction))
+  return prediction, answers
+
+
 def vqa_score(prediction: str, answers: str | Sequence[str], *,
-              official_references: bool = False) -> float:
+              official_references: bool = False, vqa_eval: str = "2016") -> float:
   """The VQA accuracy of one prediction against its human answers (or one reference).
 
   The prediction and each answer are normalised with `normalize_vqa_answer`; the score is
@@ -145,21 +185,31 @@ def vqa_score(prediction: str, answers: str | Sequence[str], *,
     prediction: the model's answer.
     answers: the human answers (or one reference string).
     official_references: False (default) normalises the references exactly like the
-      prediction, so raw references ("Seven.", "two") can be used. True treats the
-      references exactly as vqaEval.py does, for reproducing published numbers on VQA's
-      released (already normalised) annotations: the references are only passed through
-      `vqa_process_punctuation` (no lowercasing, number words or articles), and only when
-      they are not all identical. (vqaEval.py has no single-reference case.)
+      prediction, so raw references ("Seven.", "two") can be used. True treats prediction
+      and references exactly as vqaEval.py version `vqa_eval` does, for reproducing
+      published numbers on VQA's released (already normalised) annotations.
+      (vqaEval.py has no single-reference case.)
+    vqa_eval: '2016' (default) or '2021', the vqaEval.py version (module docstring);
+      only read with official_references=True. Where they differ: 10 identical answers
+      "2" and the prediction "two" score 1.0 under '2016' (the prediction is normalised)
+      and 0.0 under '2021' (nothing is processed); answers ["The Dog"] * 4 + ["cat"] * 6
+      and the prediction "dog" score 0.0 under '2016' (answers keep their case and
+      article) and 1.0 under '2021'.
   """
   if isinstance(answers, str):
     answers = [answers]
   if not answers:
     raise ValueError("vqa_score needs at least one reference answer, got none.")
-  prediction = normalize_vqa_answer(prediction)
-  if official_references:  # (vqaEval.py does not strip the references either)
-    if len(set(answers)) > 1:
-      answers = [vqa_process_punctuation(a) for a in answers]
+  if vqa_eval not in VQA_EVAL_VERSIONS:
+    raise ValueError(f"vqa_eval={vqa_eval!r}; valid: {VQA_EVAL_VERSIONS} (the vqaEval.py "
+                     "version whose answer processing to follow).")
+  if official_references:
+    prediction, answers = _official_vqa_answers(prediction, answers, vqa_eval)
+  elif vqa_eval != "2016":
+    raise ValueError(f"vqa_eval={vqa_eval!r} only changes how vqaEval.py treats the "
+                     "references: pass official_references=True with it.")
   else:
+    prediction = normalize_vqa_answer(prediction)
     answers = [normalize_vqa_answer(a) for a in answers]
   matches = [a == prediction for a in answers]
   if len(matches) == 1:
@@ -169,10 +219,10 @@ def vqa_score(prediction: str, answers: str | Sequence[str], *,
 
 
 def vqa_accuracy(predictions: Sequence[str], references: Sequence[str | Sequence[str]], *,
-                 official_references: bool = False) -> float:
+                 official_references: bool = False, vqa_eval: str = "2016") -> float:
   """Mean `vqa_score` over examples (0.0 .. 1.0; vqaEval.py reports it x100)."""
   _check_lengths(predictions, references)
-  return sum(vqa_score(p, r, official_references=official_references)
+  return sum(vqa_score(p, r, official_references=official_references, vqa_eval=vqa_eval)
              for p, r in zip(predictions, references)) / len(predictions)
 
 
@@ -182,25 +232,41 @@ _SQUAD_PUNCTUATION = frozenset(string.punctuation)
 
 
 def normalize_squad_answer(text: str) -> str:
-  """SQuAD's `normalize_answer` (evaluate-v2.0.py): lowercase, delete every character of
-  `string.punctuation`, replace the words a / an / the by a space, collapse whitespace.
-  normalize_squad_answer("The Eiffel-Tower!") == "eiffeltower"
+  """SQuAD's `normalize_answer` (evaluate-v1.1.py and v2.0.py alike): lowercase, delete every
+  character of `string.punctuation`, replace the words a / an / the by a space, collapse
+  whitespace.  normalize_squad_answer("The Eiffel-Tower!") == "eiffeltower"
   """
   text = "".join(ch for ch in text.lower() if ch not in _SQUAD_PUNCTUATION)
   return " ".join(_SQUAD_ARTICLES.sub(" ", text).split())
 
 
-def _squad_f1(prediction: str, reference: str) -> float:
-  """SQuAD's `compute_f1` (evaluate-v2.0.py): bag-of-tokens F1 of the normalised answers;
-  when either has no token, 1.0 if both have none, else 0.0."""
+SQUAD_VERSIONS = ("1.1", "2.0")
+
+
+def _squad_f1(prediction: str, reference: str, squad_version: str = "1.1") -> float:
+  """Bag-of-tokens F1 of the normalised answers: evaluate-v1.1.py's `f1_score` (0 when no
+  token is shared, empty answers included) or, for '2.0', evaluate-v2.0.py's `compute_f1`
+  (when either side has no token: 1.0 if both have none, else 0.0)."""
   pred, gold = normalize_squad_answer(prediction).split(), normalize_squad_answer(reference).split()
-  if not pred or not gold:
+  if squad_version == "2.0" and (not pred or not gold):
     return float(pred == gold)
   same = sum((collections.Counter(pred) & collections.Counter(gold)).values())
   if same == 0:
     return 0.0
   precision, recall = same / len(pred), same / len(gold)
   return 2 * precision * recall / (precision + recall)
+
+
+def _squad_references(references: str | Sequence[str], squad_version: str) -> Sequence[str]:
+  """The references a SQuAD script scores against: all of them (v1.1); v2.0 drops those
+  that normalise to '' and uses [''] when none is left (an unanswerable question)."""
+  if squad_version not in SQUAD_VERSIONS:
+    raise ValueError(f"squad_version={squad_version!r}; valid: {SQUAD_VERSIONS} (the official "
+                     "evaluate-v1.1.py or evaluate-v2.0.py).")
+  references = _as_references(references)
+  if squad_version == "2.0":
+    references = [r for r in references if normalize_squad_answer(r)] or [""]
+  return references
 
 
 def _as_references(references: str | Sequence[str]) -> Sequence[str]:
@@ -210,31 +276,40 @@ def _as_references(references: str | Sequence[str]) -> Sequence[str]:
   return references
 
 
-def exact_match(prediction: str, references: str | Sequence[str]) -> float:
+def exact_match(prediction: str, references: str | Sequence[str], *,
+                squad_version: str = "1.1") -> float:
   """SQuAD exact match: 1.0 if the normalised prediction equals any normalised reference
-  (`normalize_squad_answer`), else 0.0 (the max over references, as SQuAD takes it)."""
+  (`normalize_squad_answer`), else 0.0 (the max over references, as SQuAD takes it).
+  squad_version='2.0' first drops references that normalise to '' (unless all do)."""
   pred = normalize_squad_answer(prediction)
-  return float(any(pred == normalize_squad_answer(r) for r in _as_references(references)))
+  return float(any(pred == normalize_squad_answer(r)
+                   for r in _squad_references(references, squad_version)))
 
 
-def token_f1(prediction: str, references: str | Sequence[str]) -> float:
+def token_f1(prediction: str, references: str | Sequence[str], *,
+             squad_version: str = "1.1") -> float:
   """SQuAD token F1: the best bag-of-words F1 between the normalised prediction and any
-  normalised reference.  token_f1("the cat sat", "a cat sat down") == 0.8"""
-  return max(_squad_f1(prediction, r) for r in _as_references(references))
+  normalised reference, as evaluate-v1.1.py computes it (default) or evaluate-v2.0.py
+  (squad_version='2.0'; they differ only where an answer normalises to '').
+  token_f1("the cat sat", "a cat sat down") == 0.8;  token_f1("the", "a") == 0.0"""
+  return max(_squad_f1(prediction, r, squad_version)
+             for r in _squad_references(references, squad_version))
 
 
-def mean_exact_match(predictions: Sequence[str],
-                     references: Sequence[str | Sequence[str]]) -> float:
+def mean_exact_match(predictions: Sequence[str], references: Sequence[str | Sequence[str]], *,
+                     squad_version: str = "1.1") -> float:
   """Mean `exact_match` over examples (0.0 .. 1.0; SQuAD's script reports it x100)."""
   _check_lengths(predictions, references)
-  return sum(exact_match(p, r) for p, r in zip(predictions, references)) / len(predictions)
+  return sum(exact_match(p, r, squad_version=squad_version)
+             for p, r in zip(predictions, references)) / len(predictions)
 
 
-def mean_token_f1(predictions: Sequence[str],
-                  references: Sequence[str | Sequence[str]]) -> float:
+def mean_token_f1(predictions: Sequence[str], references: Sequence[str | Sequence[str]], *,
+                  squad_version: str = "1.1") -> float:
   """Mean `token_f1` over examples (0.0 .. 1.0; SQuAD's script reports it x100)."""
   _check_lengths(predictions, references)
-  return sum(token_f1(p, r) for p, r in zip(predictions, references)) / len(predictions)
+  return sum(token_f1(p, r, squad_version=squad_version)
+             for p, r in zip(predictions, references)) / len(predictions)
 
 
 # ------------------------------------------------------------------ accuracy and retrieval

@@ -17,7 +17,21 @@ baseline) is trained on every position, so it sees the same data with the plain 
   config.objective = 'semi_causal_lm'
   objectives.register('my_scl', loss=semi_causal_lm.loss,
                       prepare=semi_causal_lm.make_prepare(ratio=0.15, min_len=3, max_len=6,
-                                                          max_spans=8))
+                                                          max_spans=8, max_span_len=8))
+
+Span capacity. A dual-mode MetaLM encodes each span in a static buffer of
+`config.model.max_span_len` tokens; a longer span would be cut short there while the mask
+and the loss still treat all of it as encoded. So a sampler whose spans can be longer than
+the capacity is an error before any row is drawn:
+  * `check_span_capacity(max_len, max_span_len)`: the check itself (a ValueError naming
+    both keys and the fix);
+  * `check_model_capacity(prepare, seq_len=..., model=config.model)`: what a trainer calls
+    before training; it reads the longest span `prepare` can sample at that row length
+    (`span_settings`) and checks it against the model (dual-mode METALM only);
+  * `make_prepare(..., max_span_len=C)`: checks when it is built (and, for settings that
+    depend on the row length, on every row);
+  * `default_loss` (the registered 'semi_causal_lm' loss) checks the L-relative defaults
+    against the model when it is traced.
 """
 from __future__ import annotations
 
@@ -31,13 +45,34 @@ from metalm_jax import objectives
 from metalm_jax.objectives.causal_lm import weighted_cross_entropy
 
 
+def check_span_capacity(max_len: int, max_span_len: int, *, seq_len: int | None = None) -> None:
+  """Raises ValueError if spans of up to `max_len` tokens do not fit a span capacity of
+  `max_span_len` (a dual-mode MetaLM's `config.model.max_span_len`)."""
+  if max_len > max_span_len:
+    at = f' at seq_len={seq_len}' if seq_len is not None else ''
+    raise ValueError(
+        f'semi_causal_lm samples spans of up to max_len={max_len} tokens{at} but '
+        f'config.model.max_span_len={max_span_len}: the encoder would see only the first '
+        f'{max_span_len} tokens of a longer span while the mask and loss count all of it as '
+        f'encoded. Raise config.model.max_span_len to >= {max_len} (and '
+        f'config.model.text_encoder.max_len to >= {max_len + 1}), or sample shorter spans '
+        f'(semi_causal_lm.make_prepare(max_len={max_span_len}, ...)).')
+
+
+def _settings(length: int, given: dict) -> dict:
+  settings = masking.default_span_settings(length)
+  settings.update({k: v for k, v in given.items() if v is not None})
+  return settings
+
+
 def _prepare(row: dict, rng: np.random.Generator, *, ratio: float | None = None,
              min_len: int | None = None, max_len: int | None = None,
-             max_spans: int | None = None) -> dict:
+             max_spans: int | None = None, max_span_len: int | None = None) -> dict:
   length = row['inputs'].shape[0]
-  settings = masking.default_span_settings(length)
-  given = dict(ratio=ratio, min_len=min_len, max_len=max_len, max_spans=max_spans)
-  settings.update({k: v for k, v in given.items() if v is not None})
+  settings = _settings(length, dict(ratio=ratio, min_len=min_len, max_len=max_len,
+                                    max_spans=max_spans))
+  if max_span_len is not None:
+    check_span_capacity(settings['max_len'], max_span_len, seq_len=length)
   starts, lengths = masking.sample_spans(row['segment_ids'], rng, **settings)
   return dict(row, span_ids=masking.span_ids_from_spans(starts, lengths, length),
               span_starts=starts, span_lengths=lengths)
@@ -49,10 +84,58 @@ def prepare(row: dict, rng: np.random.Generator) -> dict:
 
 
 def make_prepare(*, ratio: float | None = None, min_len: int | None = None,
-                 max_len: int | None = None, max_spans: int | None = None):
-  """A picklable `prepare(row, rng)` with fixed span settings (None = the L-relative default)."""
+                 max_len: int | None = None, max_spans: int | None = None,
+                 max_span_len: int | None = None):
+  """A picklable `prepare(row, rng)` with fixed span settings (None = the L-relative default).
+
+  max_span_len: the model's span capacity (`config.model.max_span_len`). When given, spans
+    that could be longer are an error: now if `max_len` is given, else on the first row (the
+    default max_len is L / 16).
+  """
+  if max_span_len is not None and max_len is not None:
+    check_span_capacity(max_len, max_span_len)
   return functools.partial(_prepare, ratio=ratio, min_len=min_len, max_len=max_len,
-                           max_spans=max_spans)
+                           max_spans=max_spans, max_span_len=max_span_len)
+
+
+def span_settings(prepare_fn, seq_len: int) -> dict | None:
+  """The span settings (ratio, min_len, max_len, max_spans) that `prepare_fn` samples with
+  at row length `seq_len`: for `prepare` and `make_prepare(...)` results; None for any
+  other function (an objective that samples no semi-causal spans)."""
+  if prepare_fn is prepare:
+    return masking.default_span_settings(seq_len)
+  if isinstance(prepare_fn, functools.partial) and prepare_fn.func is _prepare:
+    given = {k: v for k, v in prepare_fn.keywords.items() if k != 'max_span_len'}
+    return _settings(seq_len, given)
+  return None
+
+
+# MetaLM's own default span capacity (models.metalm.MetaLM, max_span_len=8), used when a
+# model config leaves the key out.
+_METALM_DEFAULT_MAX_SPAN_LEN = 8
+
+
+def check_model_capacity(prepare_fn, *, seq_len: int, model) -> None:
+  """For the trainer, before training: the spans `prepare_fn` samples at `seq_len` must fit
+  the model's span capacity.
+
+  Args:
+    prepare_fn: the objective's prepare (`objectives.get(name).prepare`; may be None).
+    seq_len: the row length L (`config.data.seq_len`).
+    model: `config.model` (a mapping). Only a METALM in mode 'dual' encodes spans in a
+      fixed buffer; any other model, or a prepare that samples no spans, passes.
+
+  Raises:
+    ValueError from `check_span_capacity`.
+  """
+  model = dict(model)
+  if model.get('name') != 'metalm' or model.get('mode', 'dual') != 'dual':
+    return
+  settings = span_settings(prepare_fn, seq_len)
+  if settings is None:
+    return
+  check_span_capacity(settings['max_len'],
+                      model.get('max_span_len', _METALM_DEFAULT_MAX_SPAN_LEN), seq_len=seq_len)
 
 
 def loss(model, batch, *, deterministic: bool = True, rng=None):
@@ -78,13 +161,10 @@ def loss(model, batch, *, deterministic: bool = True, rng=None):
 def default_loss(model, batch, *, deterministic: bool = True, rng=None):
   """`loss`, after checking (statically) that the model's span capacity holds the
   L-relative default spans that `prepare` samples."""
-  seq_len = batch['inputs'].shape[1]
-  longest = masking.default_span_settings(seq_len)['max_len']
-  if getattr(model, 'mode', None) == 'dual' and longest > model.max_span_len:
-    raise ValueError(
-        f'semi_causal_lm samples spans of up to {longest} tokens at seq_len={seq_len} but '
-        f'config.model.max_span_len={model.max_span_len} (the encoder would cut them); set '
-        f'config.model.max_span_len >= {longest}.')
+  if getattr(model, 'mode', None) == 'dual':
+    seq_len = batch['inputs'].shape[1]
+    check_span_capacity(masking.default_span_settings(seq_len)['max_len'], model.max_span_len,
+                        seq_len=seq_len)
   return loss(model, batch, deterministic=deterministic, rng=rng)
 
 
