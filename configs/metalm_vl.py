@@ -92,11 +92,11 @@ def model_config(size: str, data: str = "digits") -> dict:
 def evals(size: str, data: str, stage: str, task: str) -> dict:
   """The evaluators of a run: zero- and k-shot after pretraining, the task after finetuning."""
   s = SIZES[size]
-  common = dict(every_steps=-1, batch_size=s["eval_batch"])
+  common = dict(every_steps=-1, batch_size=s["eval_batch"], limit=0)
   if data == "digits":
     vqa = dict(type="vqa", split="test", match_question=True, **common)
     if stage == "pretrain":
-      return {"vqa": vqa, "vqa_4shot": dict(vqa, shots=4, support_size=s["support"])}
+      return {"vqa": vqa, "vqa_fewshot": dict(vqa, shots=4, support_size=s["support"])}
     kind = TASKS["digits"][task][1]
     return {task: dict(vqa if kind == "vqa" else dict(type="captioning" if kind == "caption"
                                                       else "nlvr2", split="test", **common))}
@@ -106,7 +106,7 @@ def evals(size: str, data: str, stage: str, task: str) -> dict:
       kind = "captioning" if dataset == "coco_karpathy" else "vqa"
       entry = dict(type=kind, dataset=dataset, split=OFFICIAL_SPLIT[dataset], **common)
       out[name] = entry
-      out[f"{name}_4shot"] = dict(entry, shots=4, support_size=s["support"])
+      out[f"{name}_fewshot"] = dict(entry, shots=4, support_size=s["support"])
     return out
   dataset, kind = TASKS["official"][task]
   evaluator = {"vqa": "vqa", "caption": "captioning", "nlvr2": "nlvr2"}[kind]

@@ -50,10 +50,16 @@ def compatible(value: Any, default: Any) -> bool:
 
 
 def accepted(cls) -> dict[str, inspect.Parameter]:
-  """The keyword arguments `cls.__init__` takes from a config dict."""
+  """The keyword arguments `cls.__init__` takes from a config dict; an `__init__` with
+  `**kwargs` also takes those of the next class up that defines `__init__`."""
   params = inspect.signature(cls.__init__).parameters
-  return {k: p for k, p in params.items()
-          if k not in ("self", "rngs") and p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)}
+  out = {k: p for k, p in params.items()
+         if k not in ("self", "rngs") and p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)}
+  if any(p.kind == p.VAR_KEYWORD for p in params.values()):
+    parent = next((base for base in cls.__mro__[1:] if "__init__" in vars(base)), None)
+    if parent is not None and parent is not object:
+      out = {**accepted(parent), **out}
+  return out
 
 
 class Submodule(NamedTuple):

@@ -6,8 +6,9 @@ import pytest
 
 from metalm_jax.data import datasets
 from metalm_jax.data import digits
-from metalm_jax.data import vl_pipeline
+from metalm_jax.data import images
 from metalm_jax.data import prompts
+from metalm_jax.data import vl_pipeline
 
 WORDS = "zero one two three four five six seven eight nine".split()
 SEQ_LEN, BATCH = 73, 7  # byte tokens of the longest template: 72
@@ -136,8 +137,8 @@ def test_pipeline_static_shapes_and_answer_only_weights(data_dir, kind):
       assert tokenizer.decode(answer).startswith(" ") and tokenizer.decode(answer).strip()
   assert seen_tasks == set(digits.TASKS)
   # images are the stored digits, upsampled by nearest neighbour (16 = 2 x 8)
-  first = vl_pipeline.preprocess_image(np.arange(64, dtype=np.uint8).reshape(8, 8, 1),
-                                       image_size=16, num_channels=3)
+  first = images.preprocess_image(np.arange(64, dtype=np.uint8).reshape(8, 8, 1),
+                                  image_size=16, channels=3, kind="digits")
   assert first.shape == (16, 16, 3) and first[1, 1, 2] == 0 and first[2, 0, 0] == 8 / 255
 
 

@@ -109,10 +109,11 @@ def test_disk_full_while_saving_is_a_clear_error_and_keeps_the_last_checkpoint(
 
 
 def test_image_larger_than_the_configured_size_is_a_clear_error():
-  from metalm_jax.data import vl_pipeline
+  from metalm_jax.data import images
 
   with pytest.raises(ValueError, match=r"16x16 pixels is larger than image_size=8"):
-    vl_pipeline.preprocess_image(np.zeros((16, 16, 1), np.uint8), image_size=8)
+    images.preprocess_image(np.zeros((16, 16, 1), np.uint8), image_size=8, channels=1,
+                            kind="digits")
 
 
 def test_objective_needing_special_tokens_checks_the_model_vocabulary(pydoc_data_dir, tmp_path):

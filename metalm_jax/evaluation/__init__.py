@@ -1,4 +1,6 @@
-"""metalm_jax.evaluation: answer metrics, zero/few-shot prompts and a model-agnostic harness.
+"""metalm_jax.evaluation: answer metrics, zero/few-shot prompts, the evaluators of
+`config.evals` (`evaluators`: registry and 'loss'; `task_evaluators`: 'vqa', 'captioning',
+'nlvr2', 'retrieval', 'text_tasks') and a model-agnostic harness.
 
     from metalm_jax import evaluation
     result = evaluation.evaluate_vqa(predict_fn, examples, shots=4, support=train_examples)
@@ -35,3 +37,5 @@ from metalm_jax.data.prompts import Segment
 from metalm_jax.data.prompts import few_shot_prompt
 from metalm_jax.data.prompts import group_by_shot
 from metalm_jax.data.prompts import zero_shot_prompt
+from metalm_jax.evaluation import evaluators  # noqa: E402  (the registry)
+from metalm_jax.evaluation import task_evaluators  # noqa: E402,F401  (registers its types)

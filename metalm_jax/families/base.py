@@ -72,6 +72,15 @@ class Family:
             f"config.data.{key}={c.data[key]!r} is not read by family {self.name!r} (it reads "
             f"{sorted(read)}); remove it, or pick the family that uses it.")
 
+  def required_datasets(self) -> list[tuple[str, str]]:
+    """[(dataset name, data dir)] this run reads (training, evaluators, tokenizer), for a
+    check before any compute (`tables.check_data`)."""
+    d = self.config.data
+    out = [(d.dataset, self.data_dir)]
+    if d.tokenizer == "sentencepiece" and d.tokenizer_dataset:
+      out.append((d.tokenizer_dataset, self.data_dir))
+    return out
+
   def check_model(self, model) -> None:
     """ConfigError for a model that cannot read this family's data (vocabulary too small...).
     Called once the tokenizer and the model's shapes are known."""

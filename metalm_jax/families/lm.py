@@ -19,7 +19,7 @@ from metalm_jax.config import ConfigError
 from metalm_jax.data import datasets, pipeline, tokenizers
 from metalm_jax.families import base
 from metalm_jax import inference
-from metalm_jax.objectives import special_tokens
+from metalm_jax.objectives import semi_causal_lm, special_tokens
 
 
 def model_vocab_size(model_config) -> int | None:
@@ -52,7 +52,13 @@ class LanguageModel(base.Family):
 
   def validate(self) -> None:
     super().validate()
-    self.objective  # an unknown objective fails here, before any compute
+    prepare = self.objective.prepare  # an unknown objective fails here
+    try:  # spans longer than the model's span capacity
+      semi_causal_lm.check_model_capacity(prepare,
+                                          seq_len=self.config.data.seq_len,
+                                          model=self.config.model)
+    except ValueError as e:
+      raise ConfigError(f"config.objective={self.config.objective!r}: {e}") from e
 
   def check_model(self, model) -> None:
     check_vocab(self.config.model, self.tokenizer,

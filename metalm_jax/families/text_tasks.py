@@ -14,11 +14,10 @@ Python's help pages, prepared under `<data_dir>/pydoc_tasks` by `prepare_data.py
 from __future__ import annotations
 
 import functools
-import os
 
 from metalm_jax import objectives
 from metalm_jax.config import ConfigError
-from metalm_jax.data import datasets, text_task_pipeline, text_tasks, tokenizers
+from metalm_jax.data import datasets, generated, text_task_pipeline, tokenizers
 from metalm_jax.families import base
 from metalm_jax.families.lm import check_vocab
 from metalm_jax.objectives import semi_causal_lm
@@ -35,25 +34,8 @@ TASKS = {
     "copa": ("superglue/copa", "accuracy"),
     "cnn_dailymail": ("cnn_dailymail", "rouge_l"),
 }
-# The tasks `text_tasks.write_pydoc_task_files` generates.
+# The tasks of the generated collection (`data.generated`).
 GENERATED_TASKS = ("squad_v1", "boolq", "cnn_dailymail")
-
-
-def generated_task_dir(data_dir: str) -> str:
-  """Where `prepare_data.py --dataset=pydoc_tasks` prepares the generated tasks."""
-  return os.path.join(data_dir, GENERATED)
-
-
-def prepare_generated(data_dir: str) -> str:
-  """Writes the generated task files (once) and prepares them under `<data_dir>/pydoc_tasks`
-  with the official-format builders; returns that directory."""
-  task_dir = generated_task_dir(data_dir)
-  manual_dir = os.path.join(task_dir, "manual")
-  if not os.path.exists(os.path.join(manual_dir, "squad")):
-    text_tasks.write_pydoc_task_files(manual_dir)
-  for task in GENERATED_TASKS:
-    datasets.prepare(TASKS[task][0], task_dir, manual_dir=manual_dir)
-  return task_dir
 
 
 class TextTasks(base.Family):
@@ -81,6 +63,12 @@ class TextTasks(base.Family):
       raise ConfigError(f"config.data.max_input_tokens={d.max_input_tokens} must be in "
                         f"[1, config.data.seq_len={d.seq_len})")
 
+  def required_datasets(self) -> list[tuple[str, str]]:
+    out = [(TASKS[t][0], self.task_dir) for t in self.config.data.tasks]
+    if self.config.data.tokenizer == "sentencepiece":
+      out.append((self.config.data.tokenizer_dataset or "pydoc_topics", self.data_dir))
+    return out
+
   def check_model(self, model) -> None:
     check_vocab(self.config.model, self.tokenizer,
                 f"config.data.tokenizer={self.config.data.tokenizer!r}")
@@ -88,7 +76,7 @@ class TextTasks(base.Family):
   @property
   def task_dir(self) -> str:
     if self.config.data.dataset == GENERATED:
-      return generated_task_dir(self.data_dir)
+      return generated.root(GENERATED, self.data_dir)
     return self.data_dir
 
   @property
@@ -153,6 +141,17 @@ class TextTasks(base.Family):
     return self._loss.eval_sums(model, params, rest, extra, batch)
 
   # ---------------------------------------------------------------- prediction
+  def metric(self, task: str) -> str:
+    return TASKS[task][1]
+
+  def task_examples(self, task: str, split: str, *, limit: int = 0) -> list[dict]:
+    """The first `limit` (0 = all) examples of `task`'s `split`."""
+    if task not in TASKS:
+      raise ValueError(f"unknown text task {task!r}; tasks: {sorted(TASKS)}")
+    datasets.check_prepared([TASKS[task][0]], self.task_dir, what=f"The {task} evaluation")
+    source = datasets.data_source(TASKS[task][0], split, self.task_dir)
+    return [source[i] for i in range(len(source) if not limit else min(limit, len(source)))]
+
   def predictor(self, model, params, rest):
     from metalm_jax.families import predictors  # the generation path (inference/)
     return predictors.TextTaskPredictor(self, model, params, rest)

@@ -59,6 +59,16 @@ class VisionLanguageData:
     return vl_sources.vl_tokenizer(self.data_dir, d.vocab_size, caption_dataset=names[0],
                                    vqa_dataset=names[1])
 
+  def required_datasets(self) -> list[tuple[str, str]]:
+    """The training dataset, every evaluator's dataset and the official tokenizer's."""
+    d = self.config.data
+    names = [d.dataset] + [self.config.evals[n].get("dataset") or d.dataset
+                           for n in self.config.evals.keys()]
+    if self.official and d.tokenizer == "sentencepiece":
+      suffix = d.dataset.partition("/")[2]
+      names += [f"{n}/{suffix}" if suffix else n for n in TOKENIZER_DATASETS]
+    return [(n, self.data_dir) for n in dict.fromkeys(names)]
+
   def source(self, split: str, *, dataset: str = "", per_caption: bool = False,
              images: bool = True):
     """One split of `dataset` (default config.data.dataset) as digits-style examples."""
@@ -75,10 +85,11 @@ class VisionLanguageData:
                                        channels=v.get("channels", 3), kind=self.image_kind)
 
   def examples(self, split: str, *, dataset: str = "", task: str | None = None,
-               limit: int = 0, first: int = 0) -> list[dict]:
+               limit: int = 0, first: int = 0, images: bool = True) -> list[dict]:
     """The examples of `split` (of `task` only), at most `limit` (0 = all); `first` > 0
-    reads only the split's first records (a demonstration pool)."""
-    source = self.source(split, dataset=dataset)
+    reads only the split's first records (a demonstration pool); `images=False` reads the
+    texts only."""
+    source = self.source(split, dataset=dataset, images=images)
     out = []
     for i in range(len(source) if not first else min(first, len(source))):
       ex = source[i]

@@ -1,0 +1,49 @@
+r"""The METALM multitask language table: SQuAD EM / F1, SuperGLUE accuracy, CNN/DM ROUGE-L.
+
+  python experiments/reproduce.py --table=metalm_multitask --tiny   # generated tasks
+  python experiments/reproduce.py --table=metalm_multitask --data_dir=$DATA   # official tasks
+
+Stages (experiments/train.py runs of configs/metalm_multitask.py):
+  pretrain  semi-causal LM on the bundled pydoc_topics corpus (size=paper: the paper pretrains
+            on the Pile, which is not here; point init_from at your own
+            configs/metalm_lm.py:size=paper run instead)
+  finetune  the task mixture from pretrain; each task's validation examples decoded and scored
+
+Arguments: tiny=1 (CI-sized, on the generated pydoc_tasks collection), runlocal=1 (the stages'
+runlocal configs).
+"""
+import ml_collections
+
+from metalm_jax import config as config_lib
+
+NAMES = {"exact_match": "exact match", "f1": "F1", "accuracy": "accuracy",
+         "rouge_l": "ROUGE-L F1"}
+METRICS = {"squad_v1": ("exact_match", "f1"), "boolq": ("accuracy",), "cb": ("accuracy",),
+           "rte": ("accuracy",), "copa": ("accuracy",), "cnn_dailymail": ("rouge_l",)}
+GENERATED = ("squad_v1", "boolq", "cnn_dailymail")
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  args = config_lib.parse_config_args(arg, tiny="0", runlocal="0")
+  tiny, runlocal = args["tiny"] == "1", args["runlocal"] == "1"
+  size = "tiny" if tiny else "paper"
+  suffix = ",runlocal=1" if runlocal else ""
+  t = ml_collections.ConfigDict()
+  t.name = "metalm_multitask"
+  t.title = "metalm_multitask" + (" (--tiny)" if tiny else "")
+  t.note = ("--tiny: SQuAD / BoolQ / CNN-DM-format tasks generated from Python's help pages; "
+            "'ours' measures this code path, not the paper's benchmark" if tiny else
+            "6 of the paper's 34 datasets; greedy at tiny size, beam 4 / length penalty 0.6 "
+            "at paper size")
+  t.generated = "pydoc_tasks" if tiny else ""
+  t.bundled = ("pydoc_topics",)
+  t.data_subdir = ""
+  t.stages = ml_collections.ConfigDict()
+  t.stages.pretrain = dict(config=f"metalm_multitask:size={size},stage=pretrain{suffix}",
+                           init_from="", overrides=())
+  t.stages.finetune = dict(config=f"metalm_multitask:size={size}{suffix}", init_from="pretrain",
+                           overrides=())
+  t.rows = [dict(task=task, metric=NAMES[m], paper="- (in the 34-dataset mixture, see paper)",
+                 stage="finetune", eval="tasks", keys=f"{task}/{m}", scale=1.0)
+            for task in (GENERATED if tiny else METRICS) for m in METRICS[task]]
+  return t
