@@ -1,4 +1,5 @@
-"""Tests for metalm_jax.inference.generate: greedy == no-cache argmax loop, eos, sampling."""
+"""Tests for metalm_jax.inference.generate: greedy == no-cache argmax loop, eos, sampling
+(temperature, top-k, top-p)."""
 import functools
 
 import jax
@@ -75,8 +76,20 @@ def test_sampling_is_seeded_and_top_k_one_is_greedy(model, prompt, greedy):
     assert all(picked[i] in top3[i] for i in range(4))
 
 
+def test_top_p_one_changes_nothing_and_a_tiny_nucleus_is_greedy(model, prompt, greedy):
+  sample = functools.partial(generate, model, prompt, max_new_tokens=NEW, temperature=1.0,
+                             rng=jax.random.key(4))
+  plain = sample()
+  np.testing.assert_array_equal(sample(top_p=1.0), plain)
+  np.testing.assert_array_equal(sample(top_p=1e-4), greedy)
+  assert not np.array_equal(plain, greedy)  # sampling does sample here
+
+
 def test_generate_validates_arguments(model, prompt):
   with pytest.raises(ValueError, match='max_new_tokens=0'):
     generate(model, prompt, max_new_tokens=0, rng=jax.random.key(0))
   with pytest.raises(ValueError, match='temperature=-1'):
     generate(model, prompt, max_new_tokens=2, rng=jax.random.key(0), temperature=-1.0)
+  with pytest.raises(ValueError, match='top_p=1.5'):
+    generate(model, prompt, max_new_tokens=2, rng=jax.random.key(0), temperature=1.0,
+             top_p=1.5)

@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from metalm_jax.inference.generate import sample_logits
+from metalm_jax.inference.decoding import sample_logits
 
 _SMALL = 1e-10
 

@@ -23,8 +23,8 @@ image spans per row give interleaved (image, text, image, text) in-context seque
 
 Everything is static-shaped: M and C come from the batch / config, never from the data,
 so one compilation serves a run. Generation: `embed_inputs` builds the prefill embeddings,
-and `init_cache` / `decode` are the decoder's, so `inference.generate` works unchanged
-(plain causal prompts) and a harness can prefill `decode(None, cache, embeddings=...)`.
+`init_cache` is the decoder's and `decode` is the decoder's plus, for 'single', the span ids
+of the prefill; `inference.metalm.generate` prefills left-padded span prompts this way.
 """
 from __future__ import annotations
 
@@ -35,6 +35,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from metalm_jax import checks
+from metalm_jax.layers.masks import causal_mask
 from metalm_jax.masking import semi_causal_mask
 from metalm_jax.models.connector import Connector
 from metalm_jax.models.decoder import Decoder
@@ -307,7 +308,37 @@ class MetaLM(nnx.Module):
   def init_cache(self, batch_size: int, max_len: int, dtype=jnp.float32) -> dict:
     return self.decoder.init_cache(batch_size, max_len, dtype)
 
-  def decode(self, tokens: jax.Array | None, cache: dict, **kwargs) -> tuple[jax.Array, dict]:
-    """The decoder's KV-cached step (see Decoder.decode); prefill spans via
-    `decode(None, cache, embeddings=self.embed_inputs(...))`."""
-    return self.decoder.decode(tokens, cache, **kwargs)
+  def decode(self, tokens: jax.Array | None, cache: dict, *,
+             embeddings: jax.Array | None = None, positions: jax.Array | None = None,
+             attention_mask: jax.Array | None = None,
+             span_ids: jax.Array | None = None) -> tuple[jax.Array, dict]:
+    """The decoder's KV-cached step of T new tokens (see Decoder.decode), with spans.
+
+    'dual' prefills spans through the embeddings:
+    `decode(None, cache, embeddings=self.embed_inputs(tokens, starts, lengths, images))`.
+    'single' takes `span_ids` int [B, T] of the T new tokens (0 = causal, m + 1 = span m):
+    a span token also sees the rest of its own span, as `masking.semi_causal_mask` does in
+    `__call__`, on top of `attention_mask` (default: causal over the cache slots). The T
+    tokens sit at cache slots index .. index + T - 1, so a span must lie within one call
+    (a prefill holds whole spans). 'dual' and 'causal' ignore span_ids, as `__call__` does.
+    """
+    if span_ids is not None and self.mode == 'single':
+      attention_mask = self._span_cache_mask(span_ids, cache, attention_mask)
+    return self.decoder.decode(tokens, cache, embeddings=embeddings, positions=positions,
+                               attention_mask=attention_mask)
+
+  def _span_cache_mask(self, span_ids: jax.Array, cache: dict,
+                       attention_mask: jax.Array | None) -> jax.Array:
+    """bool [B, 1, T, S]: `attention_mask` (or causal from the cache index) OR same-span
+    pairs among the T new tokens, placed at their cache slots."""
+    batch, length = span_ids.shape
+    index = cache['index']
+    slot_axis = 2 if self.decoder.scan_layers else 1  # cache k: [B, (layers,) S, K, H]
+    cache_len = jax.tree.leaves(cache['layers'])[0].shape[slot_axis]
+    if attention_mask is None:
+      attention_mask = causal_mask(length, kv_length=cache_len, offset=index)
+    q, k = span_ids[:, :, None], span_ids[:, None, :]
+    same_span = ((q == k) & (q != 0))[:, None]  # [B, 1, T, T]
+    block = jnp.zeros((batch, 1, length, cache_len), bool)
+    block = jax.lax.dynamic_update_slice(block, same_span, (0, 0, 0, index))
+    return attention_mask.astype(bool) | block
