@@ -12,7 +12,6 @@ from metalm_jax.data import datasets, pipeline
 from metalm_jax.inference.generate import generate
 from metalm_jax.models.hybrid import HybridDecoder, resolve_schedule
 from metalm_jax.train import state as state_lib
-from metalm_jax.train import trainer
 from tests.test_config import load_config
 from tests.test_train import _one_step
 

@@ -10,14 +10,16 @@ from flax import nnx
 
 from metalm_jax import config as config_lib
 from metalm_jax import evaluation
+from metalm_jax import families
 from metalm_jax import models
 from metalm_jax import sharding
 from metalm_jax.inference import mplug as mplug_inference
 from metalm_jax.models import mplug
 from metalm_jax.objectives import mplug as obj
-from metalm_jax.train import mplug as mplug_train
+from metalm_jax.families import mplug as mplug_family
 from metalm_jax.train import state as state_lib
 from metalm_jax.train import optimizer as optimizer_lib
+from metalm_jax.train import step as step_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -226,43 +228,90 @@ def test_prefix_split_reassembles_the_caption():
 
 
 # ---------------------------------------------------------------- the train state and step
+def pretrain_config(**overrides):
+  """configs/mplug.py (pretraining) with TEST_MODEL; `overrides` as {'a.b': value}."""
+  config = ml_collections.ConfigDict(load_mplug_config_module().get_config("runlocal=1").to_dict())
+  config.model = ml_collections.ConfigDict(TEST_MODEL)
+  config.mplug.queue_size = 12
+  config.batch_size = 8
+  config.optimizer.warmup_steps = 1
+  for key, value in overrides.items():
+    node = config
+    *parents, leaf = key.split(".")
+    for part in parents:
+      node = node[part]
+    node[leaf] = value
+  return config
+
+
 def test_pretrain_step_on_8_device_mesh(devices8):
-  """All four objectives, one jitted step on a (data 2, fsdp 2, tensor 2) mesh: finite losses,
-  momentum = EMA of the updated params, the queue written with the batch."""
-  config = ml_collections.ConfigDict({"learning_rate": 1e-3, "warmup_steps": 1,
-                                      "end_lr_ratio": 0.1, "b1": 0.9, "b2": 0.98, "eps": 1e-8,
-                                      "weight_decay": 0.02, "grad_clip_norm": 1.0,
-                                      "grad_accum_steps": 1, "lr_multipliers": (),
-                                      "freeze": ()})
-  model = state_lib.Model(ml_collections.ConfigDict(TEST_MODEL))
+  """All four objectives, one jitted trainer step of the mplug family on a (data 2, fsdp 2,
+  tensor 2) mesh: finite losses, momentum = EMA of the updated params, the queue written with
+  the batch, the temperature clamped in the parameter."""
+  config = pretrain_config()
+  family = families.build(config)
+  model = state_lib.Model(config.model)
   mesh = sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2}, devices8)
   rules = sharding.FSDP_TP_RULES
-  tx = optimizer_lib.make_optimizer(config, 4)
-  state, shardings, rest = mplug_train.create_pretrain_state(
-      model, tx, jax.random.key(0), mesh, rules, queue_size=12)
+  tx = optimizer_lib.make_optimizer(config.optimizer, 4)
+  state, shardings, rest = state_lib.create_train_state(
+      model, tx, jax.random.key(0), mesh, rules, init_extra=family.init_extra)
   batch = caption_batch(batch=8)
-  batch_shardings = mplug_train.batch_shardings(mesh, rules, batch)
-  step = mplug_train.make_pretrain_step(
-      model, tx, optimizer_lib.learning_rate_schedule(config, 4), shardings, rest, batch_shardings,
-      mesh, loss_weights={"itc": 1.0, "itm": 1.0, "mlm": 1.0, "prefix_lm": 1.0})
-  old_momentum = jax.device_get(state.momentum)
+  batch_shardings = sharding.batch_sharding(mesh, rules, ndim=1)
+  step = step_lib.make_train_step(
+      model, tx, family, optimizer_lib.learning_rate_schedule(config.optimizer, 4), shardings,
+      rest, batch_shardings, mesh, rules=rules)
+  old_momentum = jax.device_get(state.extra["momentum"])
   np.testing.assert_array_equal(jax.tree.leaves(old_momentum)[0],
                                 jax.tree.leaves(jax.device_get(
-                                    mplug_train.momentum_subset(state.params)))[0])
+                                    mplug_family.momentum_subset(state.params)))[0])
   state, metrics = step(state, rest, jax.device_put(batch, batch_shardings))
   metrics = jax.device_get(metrics)
   for name in ("itc", "itm", "mlm", "prefix_lm", "loss", "grad_norm"):
     assert np.isfinite(metrics[name]), name
   np.testing.assert_allclose(metrics["loss"], sum(metrics[k] for k in obj.OBJECTIVES), rtol=1e-5)
-  new_params = jax.device_get(mplug_train.momentum_subset(state.params))
+  new_params = jax.device_get(mplug_family.momentum_subset(state.params))
   expected = jax.tree.map(lambda m, p: 0.995 * m + 0.005 * p, old_momentum, new_params)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7),
-               jax.device_get(state.momentum), expected)
-  assert int(state.queues["ptr"]) == 8 and state.queues["ids"].tolist()[:8] == [0, 1, 2, 3] * 2
+               jax.device_get(state.extra["momentum"]), expected)
+  queues = state.extra["queues"]
+  assert int(queues["ptr"]) == 8 and queues["ids"].tolist()[:8] == [0, 1, 2, 3] * 2
   # Sharded as planned: a ViT weight is split over fsdp, the momentum copy like it.
   qkernel = state.params["vision_encoder"]["layers"][0]["attention"]["query"]["kernel"]
-  mkernel = state.momentum["vision_encoder"]["layers"][0]["attention"]["query"]["kernel"]
+  mkernel = state.extra["momentum"]["vision_encoder"]["layers"][0]["attention"]["query"]["kernel"]
   assert "fsdp" in str(qkernel.sharding.spec) and mkernel.sharding == qkernel.sharding
+
+
+def test_temperature_is_clamped_in_the_parameter_and_keeps_its_gradient():
+  """ALBEF clamps the learned temperature in place after each update: a value pushed past
+  the bound comes back to it, and at the bound its gradient is not frozen (a clip at use
+  would give it zero gradient once it overshoots)."""
+  config = pretrain_config()
+  family = families.build(config)
+  high = config.model.get("max_temperature", 0.5)
+  params = {"temperature": jnp.asarray(0.9), "other": jnp.ones(3)}
+  clamped, extra = family.after_update(params, None, None, jnp.asarray(0))
+  assert float(clamped["temperature"]) == pytest.approx(high) and extra is None
+  model = build(temperature=0.07)
+  graphdef, state = nnx.split(model)
+  pure = nnx.to_pure_dict(state) if hasattr(nnx, "to_pure_dict") else state.to_pure_dict()
+  pure["temperature"] = jnp.asarray(high, jnp.float32)
+  batch = caption_batch(batch=4)
+  queues = obj.init_queues(12, 8, jax.random.key(1))
+
+  def itc_only(temperature):
+    p = dict(pure, temperature=temperature)
+    nnx.replace_by_pure_dict(state, p)
+    module = nnx.merge(graphdef, state)
+    loss, _ = obj.pretrain_loss(module, module, batch, queues, jax.random.key(0),
+                                loss_weights={"itc": 1.0}, alpha=0.0, deterministic=True)
+    return loss
+
+  at = jnp.asarray(high, jnp.float32)
+  grad = float(jax.grad(itc_only)(at))
+  eps = 1e-3  # the loss keeps depending on the temperature on both sides of the bound
+  slope = (float(itc_only(at + eps)) - float(itc_only(at - eps))) / (2 * eps)
+  assert abs(grad) > 1e-6 and grad == pytest.approx(slope, rel=2e-2)
 
 
 def test_inference_helpers_and_retrieval_recall():

@@ -43,7 +43,6 @@ def _one_process_losses(data_dir, steps, devices):
   from metalm_jax.train import state as state_lib
   from metalm_jax.train import optimizer as optimizer_lib
   from metalm_jax.train import step as step_lib
-  from metalm_jax.train import trainer
   from tests.conftest import tiny_config
 
   config = tiny_config(data_dir, num_train_steps=steps)

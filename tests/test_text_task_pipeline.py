@@ -1,18 +1,15 @@
-"""data.text_task_pipeline (multitask rows, mixing) and inference.metalm_text (greedy decoding)."""
+"""data.text_task_pipeline: multitask rows, mixing, process sharding, the eval pass.
+
+(Generation from these prompts is tested in tests/test_generation.py.)"""
 import collections
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from metalm_jax import config as config_lib
 from metalm_jax import masking
 from metalm_jax.data import text_task_pipeline as ttp
 from metalm_jax.data import tokenizers
-from metalm_jax.inference import metalm_text
-from metalm_jax.objectives import semi_causal_lm
-from metalm_jax.train import state as state_lib
 
 TOK = tokenizers.ByteTokenizer()
 
@@ -72,41 +69,3 @@ def test_mixing_is_examples_proportional_with_a_cap():
   counts = collections.Counter(np.concatenate([next(it)["task"] for _ in range(12)]).tolist())
   assert counts[0] / 600 == pytest.approx(1 / 3, abs=0.05)  # 10 : min(40, 20)
   assert set(counts) == {0, 1}
-
-
-@pytest.fixture(scope="module")
-def tiny_metalm():
-  config = config_lib.config_module("metalm_multitask").get_config("size=tiny")
-  with config.unlocked():
-    config.model = config_lib.config_module("metalm_lm").model_config("test")
-    config.model.max_span_len = 16
-    config.model.text_encoder.max_len = 17
-    config.model.decoder.vocab_size = 512
-  model = state_lib.Model(config.model)
-  params, rest = model.init(jax.random.key(0))
-  return model, params, rest
-
-
-def test_greedy_predictor_reads_prompts_as_training_rows_do(tiny_metalm):
-  model, params, rest = tiny_metalm
-  texts = ["question: what is it? context: a b c", "summarize: " + "words " * 12]
-  predictor = metalm_text.TextGreedyPredictor(
-      model, params, rest, TOK, seq_len=96, max_span_len=16, max_input_tokens=64,
-      max_new_tokens=3, batch_size=4)
-  ids = predictor.generate_ids(texts)
-  assert ids.shape == (2, 3)
-  # The first generated token is the argmax at the prompt's last position of the training
-  # row (random weights: any token, but the same one).
-  module = model.merge(params, rest)
-  for text, got in zip(texts, ids[:, 0]):
-    row = ttp.encode_example(_example(inputs=text, targets="z"), TOK, seq_len=96,
-                             max_span_len=16, max_input_tokens=64)
-    batch = {k: jnp.asarray(v)[None] for k, v in row.items()}
-    logits, _ = module(batch["inputs"], positions=batch["positions"],
-                       segment_ids=batch["segment_ids"], span_ids=batch["span_ids"],
-                       span_starts=batch["span_starts"], span_lengths=batch["span_lengths"],
-                       deterministic=True)
-    assert int(got) == int(jnp.argmax(logits[0, int(row["input_length"]) - 1]))
-  # The semi-causal loss runs on the same rows.
-  loss, metrics = semi_causal_lm.loss(module, batch)
-  assert np.isfinite(float(loss)) and float(metrics["span_fraction"]) > 0

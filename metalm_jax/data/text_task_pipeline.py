@@ -26,7 +26,7 @@ mixing with a cap, each task weighted by min(its examples, `mixing_cap`).
 from __future__ import annotations
 
 import functools
-from typing import Mapping, Sequence
+from typing import Mapping
 
 import grain
 import numpy as np

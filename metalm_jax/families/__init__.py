@@ -41,7 +41,13 @@ def build(config: ml_collections.ConfigDict) -> Family:
   return family
 
 
-register(LanguageModel)
+from metalm_jax.families.metalm_vl import MetaLMVisionLanguage  # noqa: E402
+from metalm_jax.families.mplug import MPlugFamily  # noqa: E402
+from metalm_jax.families.text_tasks import TextTasks  # noqa: E402
 
-__all__ = ["COMMON_DATA_KEYS", "FAMILIES", "Family", "LanguageModel", "ObjectiveLoss", "build",
-           "register", "token_sums"]
+for _family in (LanguageModel, MetaLMVisionLanguage, TextTasks, MPlugFamily):
+  register(_family)
+
+__all__ = ["COMMON_DATA_KEYS", "FAMILIES", "Family", "LanguageModel", "MPlugFamily",
+           "MetaLMVisionLanguage", "ObjectiveLoss", "TextTasks", "build", "register",
+           "token_sums"]

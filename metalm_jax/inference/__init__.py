@@ -8,7 +8,6 @@
   metalm          METALM generation: left-padded span prompts, KV cache, `greedy_reference`
   mplug           mPLUG generation, answer ranking, deterministic retrieval
   pplm            plug-and-play steering of a decoder
-  metalm_text     the former full-forward text decoder (to be removed with its scripts)
 """
 from metalm_jax.inference import metalm, metalm_prompts, mplug
 from metalm_jax.inference.beam_search import (BeamSearchOutput, beam_search,

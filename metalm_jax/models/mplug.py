@@ -294,7 +294,7 @@ class MPlug(nnx.Module):
     decoder: CrossAttentionDecoder kwargs besides vocab_size / d_model.
     itc_dim: E, the ITC feature size (256 in the paper).
     temperature: initial ITC temperature (0.07); learned, clamped to [min_temperature,
-      max_temperature] where it is used.
+      max_temperature] in the parameter after every update (the trainer's mplug family).
     pad_id, bos_id, eos_id: token ids (the text encoder's [CLS] is bos_id).
   """
 
@@ -377,9 +377,11 @@ class MPlug(nnx.Module):
       return z / jnp.maximum(jnp.linalg.norm(z, axis=-1, keepdims=True), 1e-12)
     return project(self.itc_image_projection, image), project(self.itc_text_projection, text)
 
-  def clamped_temperature(self) -> jax.Array:
-    return jnp.clip(self.temperature[...].astype(jnp.float32), self.min_temperature,
-                    self.max_temperature)
+  def itc_temperature(self) -> jax.Array:
+    """The learned ITC temperature, float32. Kept in [min_temperature, max_temperature] by
+    clamping the parameter after each update (`families.mplug`), as ALBEF clamps it in
+    place: clipping here would freeze its gradient once it overshoots."""
+    return self.temperature[...].astype(jnp.float32)
 
   # ------------------------------------------------------------------ fusion and heads
   def fuse(self, image: jax.Array, text: jax.Array, text_valid: jax.Array, *,

@@ -269,7 +269,7 @@ def pretrain_loss(model, momentum_model, batch: Mapping, queues: Mapping, rng: j
   image_m, text_m = momentum_model.itc_features(momentum_model.encode_image(images),
                                                 momentum_model.encode_text(text))
   image_m, text_m = jax.lax.stop_gradient(image_m), jax.lax.stop_gradient(text_m)
-  temperature = model.clamped_temperature()
+  temperature = model.itc_temperature()
   itc, itc_metrics = itc_loss(image_f, text_f, image_m, text_m, queues, temperature, ids, alpha)
   if w['itc']:
     losses['itc'] = itc
