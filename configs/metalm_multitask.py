@@ -9,7 +9,7 @@ r"""METALM multitask language finetuning: the model, the task mixture and the sc
   python experiments/reproduce.py --table=metalm_multitask --tiny    # both stages + the table
 
 Arguments (comma-separated `key=value`):
-  size      tiny (default: CPU, minutes) | paper (the paper's model shape: finetune a
+  size      tiny (default: CPU, minutes) | test (smallest, for the test suite) | paper (the paper's model shape: finetune a
             configs/metalm_lm.py:size=paper checkpoint on the official datasets)
   stage     finetune (default: the task mixture, family 'text_tasks') | pretrain (semi-causal
             LM on the bundled pydoc_topics corpus, family 'lm', the same model)
@@ -46,6 +46,10 @@ TASKS = {
 PYDOC_TASKS = ("squad_v1", "boolq", "cnn_dailymail")
 
 SCHEDULES = {
+    # The smallest, for the test suite (configs/metalm_lm.py size=test).
+    "test": dict(seq_len=64, max_input_tokens=48, max_span_len=48, batch=8, pretrain_steps=6,
+                 finetune_steps=6, lr=3e-3, mixing_cap=3000, eval_limit=8, beam_size=1,
+                 length_penalty=0.0),
     # seq_len: decoder row; max_input_tokens: the prompt's share ([BOS] + input, cut there);
     # max_span_len: tokens per encoder span (the prompt takes ceil(input / span) spans).
     # tiny: the whole prompt is one span (as the paper's 512-token encoder holds an input);
@@ -69,7 +73,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     raise ValueError(f"size={size!r}; valid sizes: {sorted(SCHEDULES)}")
   if stage not in STAGES:
     raise ValueError(f"stage={stage!r}; valid: {list(STAGES)}")
-  data = args["data"] or ("pydoc" if size == "tiny" else "official")
+  data = args["data"] or ("official" if size == "paper" else "pydoc")
   if data not in DATA:
     raise ValueError(f"data={data!r}; valid: {list(DATA)}")
   s = SCHEDULES[size]

@@ -8,7 +8,8 @@ r"""METALM vision-language (ViT + bidirectional encoder docked to a causal decod
   python experiments/reproduce.py --table=metalm_digits   # METALM vs the causal baseline
 
 Arguments (comma-separated `key=value`):
-  size      tiny (default: 8x8 digits, or 16px RGB official images, on a CPU) | paper (224px,
+  size      tiny (default: 8x8 digits, or 16px RGB official images, on a CPU) | test (the
+            smallest, for the test suite) | paper (224px,
             12-layer encoder, 24-layer decoder; for real hardware)
   model     metalm (default: semi-causal; the encoder sees the images + a random-length text
             prefix, the decoder predicts the rest; queries put the prompt in the encoder) |
@@ -31,6 +32,14 @@ import ml_collections
 from metalm_jax import config as config_lib
 
 SIZES = {
+    # The smallest, for the test suite: patch 4 (4 patches + CLS), one layer each.
+    "test": dict(image_size=8, patch_size=4, channels=1, official_image=(8, 4), prefix=32,
+                 seq_len=48, batch=16, steps=6, finetune_steps=6, lr=2e-3, vocab=320,
+                 official_vocab=512, dropout=0.0, warmup=1, eval_batch=16, support=200,
+                 vit=dict(d_model=32, num_layers=1, num_heads=2, d_ff=64),
+                 enc=dict(d_model=32, num_layers=1, num_heads=2, d_ff=64),
+                 dec=dict(d_model=48, num_layers=1, num_heads=2, d_ff=96),
+                 connector=dict(kind="linear")),
     # digits: 8x8 grey, patch 2: 16 patches + CLS = 17 image tokens; official: 16px RGB, patch 4.
     "tiny": dict(image_size=8, patch_size=2, channels=1, official_image=(16, 4), prefix=32,
                  seq_len=48, batch=16, steps=600, finetune_steps=250, lr=2e-3, vocab=320,

@@ -9,7 +9,7 @@ r"""mPLUG (Li et al. 2022): ViT + text encoder + skip-connected fusion + seq2seq
   python experiments/reproduce.py --table=mplug_digits     # the three stages + a scratch baseline
 
 Arguments (comma-separated `key=value`):
-  size      tiny (default: 8x8 digits on a CPU) | base (ViT-B/16 224px, d 768, 12 heads, FFN
+  size      tiny (default: 8x8 digits on a CPU) | test (smallest, for the test suite) | base (ViT-B/16 224px, d 768, 12 heads, FFN
             3072, 6-layer text encoder, fusion F=6 S=3 'AAACAA', 12-layer decoder, queue
             65,536) | large (ViT-L/14 1024-wide, projected to 768; fusion S=6: no connected
             layer)
@@ -32,6 +32,12 @@ import ml_collections
 from metalm_jax import config as config_lib
 
 SIZES = {
+    # The smallest, for the test suite (one layer of each kind, fusion 'AC').
+    "test": dict(image_size=8, patch_size=4, channels=1, d_model=32, heads=2, d_ff=64,
+                 vit=dict(d_model=32, num_layers=1), text_layers=1, fusion_layers=2,
+                 stride=1, decoder_layers=1, itc_dim=16, queue=64, vocab=384, text_len=32,
+                 batch=16, steps=6, finetune_steps=6, lr=1e-3, warmup=1, dropout=0.0,
+                 alpha_warmup=0),
     # 8x8 grey digits, patch 2: 16 patches + [CLS]. The SentencePiece tokenizer of the digits
     # templates has 320 ids; the top id (383) is [MASK].
     "tiny": dict(image_size=8, patch_size=2, channels=1, d_model=64, heads=4, d_ff=128,

@@ -66,3 +66,37 @@ def uninterrupted(pydoc_data_dir, tmp_path_factory):
   config = tiny_config(pydoc_data_dir)
   result = trainer.train_and_evaluate(config, workdir)
   return workdir, config, result
+
+
+@pytest.fixture(scope="session")
+def family_data_dir(tmp_path_factory):
+  """pydoc_topics (+ the 1024-piece tokenizer of the configs), digits_vl and the generated
+  pydoc_tasks, prepared once: what every config's runlocal variant reads."""
+  from metalm_jax.data import datasets, generated, tokenizers
+
+  data_dir = str(tmp_path_factory.mktemp("family_data"))
+  datasets.prepare("pydoc_topics", data_dir)
+  datasets.prepare("digits_vl", data_dir)
+  for vocab_size in (512, 1024):  # size=test and size=tiny
+    tokenizers.get_tokenizer("sentencepiece", dataset="pydoc_topics", data_dir=data_dir,
+                             vocab_size=vocab_size)
+  generated.prepare("pydoc_tasks", data_dir)
+  return data_dir
+
+
+def runlocal_config(name: str, arg: str, data_dir: str, **overrides):
+  """configs/<name>.py at `arg` (+ runlocal=1), unlocked, reading `data_dir`; `overrides`
+  as {'a.b': value}."""
+  import ml_collections
+  from metalm_jax import config as config_lib
+
+  arg = ",".join(filter(None, [arg, "runlocal=1"]))
+  config = ml_collections.ConfigDict(config_lib.config_module(name).get_config(arg).to_dict())
+  config.data.data_dir = data_dir
+  for key, value in overrides.items():
+    node = config
+    *parents, leaf = key.split(".")
+    for p in parents:
+      node = node[p]
+    node[leaf] = value
+  return config

@@ -71,8 +71,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       row("VQA (generation)", "VQA acc", PAPER["vqa"], "vqa", "vqa", "accuracy"),
       row("VQA (answer ranking)", "VQA acc", PAPER["vqa"], "vqa", "vqa_rank", "accuracy"),
       row("image-to-text retrieval", recall, PAPER["retrieval"], "pretrain", "retrieval",
-          "i2t_R@1,i2t_R@5,i2t_R@10"),
+          "i2t_R1,i2t_R5,i2t_R10"),
       row("text-to-image retrieval", recall, PAPER["retrieval"], "pretrain", "retrieval",
-          "t2i_R@1,t2i_R@5,t2i_R@10"),
+          "t2i_R1,t2i_R5,t2i_R10"),
   ]
   return t

@@ -36,13 +36,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   recall = "R@1 / R@5 / R@10"
   t.rows = [
       row("image-to-text retrieval (ITC)", recall, "pretrain", "retrieval",
-          "itc_i2t_R@1,itc_i2t_R@5,itc_i2t_R@10"),
+          "itc_i2t_R1,itc_i2t_R5,itc_i2t_R10"),
       row("image-to-text retrieval (ITC + ITM)", recall, "pretrain", "retrieval",
-          "i2t_R@1,i2t_R@5,i2t_R@10"),
+          "i2t_R1,i2t_R5,i2t_R10"),
       row("text-to-image retrieval (ITC)", recall, "pretrain", "retrieval",
-          "itc_t2i_R@1,itc_t2i_R@5,itc_t2i_R@10"),
+          "itc_t2i_R1,itc_t2i_R5,itc_t2i_R10"),
       row("text-to-image retrieval (ITC + ITM)", recall, "pretrain", "retrieval",
-          "t2i_R@1,t2i_R@5,t2i_R@10"),
+          "t2i_R1,t2i_R5,t2i_R10"),
       row("zero-shot captioning", "exact match", "pretrain", "zero_shot_caption", "exact_match"),
       row("zero-shot captioning", "CIDEr-D (x100)", "pretrain", "zero_shot_caption", "cider_d"),
       row("VQA, pretrained + finetuned", "generation", "vqa", "vqa",

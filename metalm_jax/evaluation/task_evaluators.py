@@ -185,6 +185,8 @@ class Retrieval(Evaluator):
   when its image is; digits images showing the same digit count as the same image.
 
   Options: dataset, split, limit (the first N images, 0 = all), k_test, batch_size.
+  Scalars: 'i2t_R1', 'i2t_R5', 'i2t_R10', 't2i_R1', ... after ITM re-ranking, 'itc_i2t_R1',
+  ... of the ITC ranking alone.
   """
 
   type = "retrieval"
@@ -221,9 +223,9 @@ class Retrieval(Evaluator):
       r_i2t = metrics.retrieval_recall(scores[i2t], relevant)
       r_t2i = metrics.retrieval_recall(scores[t2i], relevant.T)
       details[stage] = {"i2t": r_i2t, "t2i": r_t2i}
-      prefix = "" if stage == "itm" else "itc_"
-      out.update({f"{prefix}i2t_{k}": v for k, v in r_i2t.items()})
-      out.update({f"{prefix}t2i_{k}": v for k, v in r_t2i.items()})
+      prefix = "" if stage == "itm" else "itc_"  # 'R@1' -> 'i2t_R1' (TensorBoard-safe)
+      out.update({f"{prefix}i2t_{k.replace('@', '')}": v for k, v in r_i2t.items()})
+      out.update({f"{prefix}t2i_{k.replace('@', '')}": v for k, v in r_t2i.items()})
     return out, details
 
 

@@ -37,6 +37,11 @@ def build(config: ml_collections.ConfigDict) -> Family:
   if name not in FAMILIES:
     raise ConfigError(f"config.family={name!r} is not a known family; known: {sorted(FAMILIES)}")
   family = FAMILIES[name](config)
+  owners = [f.name for f in FAMILIES.values()
+            if config.objective in f.exclusive_objectives and f.name != name]
+  if owners:
+    raise ConfigError(f"config.objective={config.objective!r} belongs to family {owners[0]!r} "
+                      f"(its rows), not config.family={name!r}")
   family.validate()
   return family
 

@@ -45,6 +45,8 @@ class Family:
   name: ClassVar[str] = ""
   models: ClassVar[tuple[str, ...]] = ()  # config.model.name values it trains
   objectives: ClassVar[tuple[str, ...] | None] = None  # None: any registered objective
+  # Objectives that only this family's rows can feed (another family naming one is an error).
+  exclusive_objectives: ClassVar[tuple[str, ...]] = ()
   data_keys: ClassVar[tuple[str, ...]] = ()  # family-specific config.data keys it reads
   # What one row of a batch counts for the progress bar's throughput ('tokens' / 'examples').
   throughput_unit: ClassVar[str] = "tokens"

@@ -32,7 +32,7 @@ class MetaLMVisionLanguage(vl_common.VisionLanguageData, base.Family):
 
   name = "metalm_vl"
   models = ("metalm",)
-  objectives = tuple(ENCODE_TEXT)
+  objectives = exclusive_objectives = tuple(ENCODE_TEXT)
   data_keys = ("tasks", "image_preprocessing", "max_images")
   throughput_unit = "examples"
 

@@ -50,7 +50,7 @@ class MPlugFamily(vl_common.VisionLanguageData, base.Family):
 
   name = "mplug"
   models = ("mplug",)
-  objectives = (PRETRAIN, SEQ2SEQ)
+  objectives = exclusive_objectives = (PRETRAIN, SEQ2SEQ)
   data_keys = ("tasks", "image_preprocessing", "vqa_answers")
   throughput_unit = "examples"
 

@@ -86,10 +86,12 @@ def plan(source_shapes: dict[str, tuple], target_shapes: dict[str, tuple], *,
                       f"this model {shape}")
     else:
       source_of[path] = sources[0]
-  used = set(source_of.values())
-  dropped = [s for s in source_shapes if s not in used and (skipped(s) or skipped(renamed[s])
-                                                           or renamed[s] in kept)]
-  unused = [s for s in source_shapes if s not in used and s not in dropped]
+  loaded = set(source_of.values())
+  dropped = [s for s in source_shapes if s not in loaded and (skipped(s) or skipped(renamed[s])
+                                                             or renamed[s] in kept)]
+  # Sources reported above (a mismatch on a param of this model) are not reported again.
+  claimed = {src for path in target_shapes for src in by_target.get(path, [])}
+  unused = [s for s in source_shapes if s not in loaded | claimed and s not in dropped]
   problems += [f"  source {s} {source_shapes[s]}: used by no param of this model" +
                (f" (renamed to {renamed[s]})" if renamed[s] != s else "") for s in unused]
   if problems:
