@@ -1,10 +1,17 @@
 """Test setup: 8 virtual CPU devices (before jax is imported) and shared fixtures."""
 import os
+import tempfile
 
 # 8 virtual devices for sharding tests; cheaper XLA CPU compilation (tests are compile-bound).
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8 "
                       "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# A persistent compilation cache shared by the test workers and the training subprocesses
+# they start (kill / resume, multi-process): a relaunched run reuses its compiled steps.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
+                      os.path.join(tempfile.gettempdir(), f"metalm_jax_tests_{os.getuid()}"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
 import jax  # noqa: E402
 import pytest  # noqa: E402

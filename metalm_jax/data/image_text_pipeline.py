@@ -236,7 +236,8 @@ def image_text_dataset(source, tokenizer: tokenizers.Tokenizer, *, task: str, te
   examples = _examples(source, task=task, seed=seed, shuffle=shuffle, num_epochs=num_epochs,
                        process_index=process_index, process_count=process_count,
                        vqa_answers=vqa_answers)
-  batches = examples.to_iter_dataset().map(row).batch(batch_size, drop_remainder=True)
+  batches = examples.to_iter_dataset(vl_pipeline.read_options(batch_size)).map(row).batch(
+      batch_size, drop_remainder=True)
   if worker_count:
     batches = batches.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
   return batches
@@ -269,7 +270,8 @@ def image_text_eval_batches(source, tokenizer: tokenizers.Tokenizer, *, task: st
   empty = lambda: {k: np.zeros((batch_size,) + shapes[k], dtypes[k]) for k in shapes}
   pad = functools.partial(grain.experimental.batch_and_pad, batch_size=batch_size)
   count = 0
-  for batch in examples.to_iter_dataset().map(row).batch(batch_size, batch_fn=pad):
+  for batch in examples.to_iter_dataset(vl_pipeline.read_options(batch_size)).map(row).batch(
+      batch_size, batch_fn=pad):
     if count == num_batches:
       raise ValueError(f"num_batches={num_batches} is too small for process "
                        f"{process_index}'s evaluation examples.")

@@ -142,7 +142,8 @@ def multitask_dataset(sources: Mapping[str, object], tokenizer: tokenizers.Token
   parts = [grain.MapDataset.source(sources[t])[process_index::process_count]
            .shuffle(seed + i).repeat(None).map(functools.partial(encode, task_index=i))
            for i, t in enumerate(tasks)]
-  rows = grain.MapDataset.mix(parts, [weights[t] for t in tasks]).to_iter_dataset()
+  rows = grain.MapDataset.mix(parts, [weights[t] for t in tasks]).to_iter_dataset(
+      grain.ReadOptions(num_threads=2, prefetch_buffer_size=max(16, 4 * batch_size)))
   if prepare is not None:
     rows = rows.random_map(prepare, seed=seed)
   batches = rows.batch(batch_size, drop_remainder=True)

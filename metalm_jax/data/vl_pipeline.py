@@ -139,27 +139,62 @@ def _check_tasks(tasks: Sequence[str] | None) -> tuple[str, ...]:
 def shard_examples(source, *, tasks: Sequence[str] | None = None, seed: int = 0,
                    shuffle: bool = True, num_epochs: int | None = None, process_index: int = 0,
                    process_count: int = 1) -> grain.MapDataset:
-  """This process's examples of `tasks`, shuffled and repeated (filtered lazily: dropped
-  examples read as None, which grain's map / batch skip).
+  """This process's examples of `tasks`, shuffled and repeated.
 
-  Order: source -> examples process_index::process_count -> shuffle(seed) (a new order every
-  epoch) -> repeat(num_epochs) -> keep `tasks` (default: all of digits.TASKS).
+  Order: source -> the examples of `tasks` (default: all of digits.TASKS) -> this process's
+  share of them, process_index::process_count -> shuffle(seed) (a new order every epoch) ->
+  repeat(num_epochs). The task's examples are picked before sharding, so every process gets
+  its share of them whatever the source's layout (digits_vl interleaves its tasks).
   """
   tasks = _check_tasks(tasks)
   if not 0 <= process_index < process_count:
     raise ValueError(f"process_index={process_index} must be in [0, process_count="
                      f"{process_count}).")
-  examples = grain.MapDataset.source(source)[process_index::process_count]
+  examples = grain.MapDataset.source(source)
+  if tuple(tasks) != digits.TASKS:
+    keep = task_indices(source, tasks)
+    if not len(keep):
+      raise ValueError(f"{source!r} has no examples of tasks {list(tasks)}.")
+    examples = grain.MapDataset.source(Subset(source, keep))
+  if len(examples) < process_count:
+    raise ValueError(f"{len(examples)} examples of tasks {list(tasks)} cannot be shared by "
+                     f"{process_count} processes.")
+  examples = examples[process_index::process_count]
   if shuffle:
     examples = examples.shuffle(seed)
-  examples = examples.repeat(num_epochs)
-  if tuple(tasks) != digits.TASKS:
-    examples = examples.filter(functools.partial(_has_task, tasks=tasks))
-  return examples
+  return examples.repeat(num_epochs)
 
 
-def _has_task(example: dict, tasks: tuple[str, ...]) -> bool:
-  return prompts.as_text(example["task"]) in tasks
+class Subset:
+  """The examples `indices` of a random-access source, in that order (picklable)."""
+
+  def __init__(self, source, indices):
+    self.source, self.indices = source, np.asarray(indices, np.int64)
+
+  def __len__(self) -> int:
+    return len(self.indices)
+
+  def __getitem__(self, i):
+    return self.source[int(self.indices[i])]
+
+  def __repr__(self) -> str:
+    return f"Subset({self.source!r}, {len(self)} examples)"
+
+
+def task_indices(source, tasks: Sequence[str]) -> np.ndarray:
+  """Positions of `source`'s examples whose task is in `tasks` (a `VlSource` answers
+  without decoding images; other sources are read example by example)."""
+  if hasattr(source, "task_names"):
+    names = source.task_names()
+  else:
+    names = [prompts.as_text(source[i]["task"]) for i in range(len(source))]
+  return np.flatnonzero(np.isin(np.asarray(names), list(tasks)))
+
+
+def read_options(batch_size: int) -> grain.ReadOptions:
+  """Reader threads and prefetch sized to the batch: grain's default (500 examples ahead)
+  spends seconds decoding images before the first batch of every iterator."""
+  return grain.ReadOptions(num_threads=2, prefetch_buffer_size=max(16, 4 * batch_size))
 
 
 def vl_dataset(source, tokenizer: tokenizers.Tokenizer, *, seq_len: int, batch_size: int,
@@ -197,7 +232,7 @@ def vl_dataset(source, tokenizer: tokenizers.Tokenizer, *, seq_len: int, batch_s
   examples = shard_examples(source, tasks=tasks, seed=seed, shuffle=shuffle,
                             num_epochs=num_epochs, process_index=process_index,
                             process_count=process_count)
-  rows = examples.to_iter_dataset().map(functools.partial(
+  rows = examples.to_iter_dataset(read_options(batch_size)).map(functools.partial(
       encode_example, tokenizer=tokenizer, seq_len=seq_len, max_images=max_images,
       image_size=image_size, num_channels=num_channels, image_kind=image_kind))
   if prepare is not None:
@@ -229,7 +264,8 @@ def vl_eval_batches(source, tokenizer: tokenizers.Tokenizer, *, seq_len: int,
   shapes = feature_shapes(seq_len=seq_len, max_images=max_images, image_size=image_size,
                           num_channels=num_channels)
   count = 0
-  for batch in examples.to_iter_dataset().map(encode).batch(batch_size, batch_fn=pad):
+  for batch in examples.to_iter_dataset(read_options(batch_size)).map(encode).batch(
+      batch_size, batch_fn=pad):
     if count == num_batches:
       raise ValueError(f"num_batches={num_batches} is too small for process "
                        f"{process_index}'s evaluation examples.")

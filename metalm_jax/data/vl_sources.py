@@ -142,7 +142,7 @@ class VlSource:
       if part.split("[")[0].strip() not in splits:
         raise ValueError(f"Unknown split {split!r} of dataset {dataset!r}; splits: {splits}.")
     self.dataset, self.split, self.base = dataset, split, base
-    self.image_size, self.images = image_size, images
+    self.image_size, self.images, self._data_dir = image_size, images, data_dir
     self.per_caption = per_caption and base in CAPTION_DATASETS
     self.official = base != DIGITS
     self.task = (None if base == DIGITS else "caption" if base in CAPTION_DATASETS
@@ -173,6 +173,15 @@ class VlSource:
     if self.base in VQA_DATASETS:
       return self._vqa(example)
     return self._nlvr2(example, record)
+
+  def task_names(self) -> list[str]:
+    """Every example's task, in order, without decoding an image (a single-task dataset
+    answers from `task`)."""
+    if self.task is not None:
+      return [self.task] * len(self)
+    records = (self._records if not self.images else VlSource(
+        self.dataset, self.split, self._data_dir, images=False)._records)
+    return [_text(records[i]["task"]) for i in range(len(self))]
 
   def __repr__(self) -> str:
     return (f"VlSource({self.dataset!r}, {self.split!r}, image_size={self.image_size}, "

@@ -81,9 +81,8 @@ class MetaLMVisionLanguage(vl_common.VisionLanguageData, base.Family):
 
   def eval_batches(self, split: str, *, batch_size: int, process_index: int,
                    process_count: int, num_batches: int | None):
-    if num_batches is None and process_count > 1:
-      num_batches = -(-max(self._count(split, p, process_count) for p in range(process_count))
-                      // batch_size)
+    if num_batches is None and process_count > 1:  # the largest process share, batched
+      num_batches = -(-self._count(split) // process_count // batch_size)
     batches = vl_pipeline.vl_eval_batches(
         self.source(split), self.tokenizer, batch_size=batch_size,
         process_index=process_index, process_count=process_count, num_batches=num_batches,
@@ -95,11 +94,11 @@ class MetaLMVisionLanguage(vl_common.VisionLanguageData, base.Family):
               for r in range(len(batch["inputs"]))]
       yield {k: np.stack([row[k] for row in rows]) for k in rows[0]}
 
-  def _count(self, split: str, process_index: int, process_count: int) -> int:
-    tasks = set(self.config.data.tasks) or None
+  def _count(self, split: str) -> int:
+    """Examples of the configured tasks in `split`."""
     source = self.source(split, images=False)
-    return sum(1 for i in range(process_index, len(source), process_count)
-               if tasks is None or prompts.as_text(source[i]["task"]) in tasks)
+    tasks = tuple(self.config.data.tasks)
+    return len(vl_pipeline.task_indices(source, tasks)) if tasks else len(source)
 
   # ---------------------------------------------------------------- loss (traced)
   def loss(self, model, params, rest, extra, batch, *, rng, step):
