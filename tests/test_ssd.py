@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from metalm_jax.ssm import ssd as ssd_lib
-from metalm_jax.ssm.ssd import ssd, ssd_reference, ssd_step
+from metalm_jax.ssm.ssd import ssd_chunked, ssd_reference, ssd_step
 
 # Prime-ish sizes so a transposed axis cannot hide: 6 heads in 2 groups (3 heads per group).
 HEADS, GROUPS, HEAD_DIM, D_STATE = 6, 2, 5, 3
@@ -92,7 +92,8 @@ def test_reference_and_chunked_match_numpy_float64(x64, case):
                          D=inp["D"] if use_d else None,
                          h0=inp["initial_state"] if use_state else None,
                          reset=inp["reset"] if use_reset else None)
-  for name, fn, kw in (("reference", ssd_reference, {}), ("ssd", ssd, dict(chunk_size=chunk))):
+  for name, fn, kw in (("reference", ssd_reference, {}),
+                       ("ssd_chunked", ssd_chunked, dict(chunk_size=chunk))):
     y, h = jax.jit(lambda i, fn=fn, kw=kw: _call(fn, i, case, **kw))(inp)
     assert y.dtype == jnp.float64
     assert_close(y, y_np, 1e-10, f"{name} y")
@@ -121,7 +122,7 @@ def test_gradients_chunked_equal_reference(case, dtype, rtol):
     args = [jnp.asarray(inp[k]) for k in ARG_NAMES] + [jnp.asarray(inp["reset"])]
     grad = lambda f: jax.jit(jax.value_and_grad(f, tuple(range(7))))
     ref_val, ref_grads = grad(_loss(ssd_reference, case))(*args)
-    val, grads = grad(_loss(ssd, case, chunk_size=case[1]))(*args)
+    val, grads = grad(_loss(ssd_chunked, case, chunk_size=case[1]))(*args)
     assert_close(val, ref_val, rtol, "loss")
     for name, g, g_ref in zip(ARG_NAMES, grads, ref_grads):
       assert g.dtype == dtype and bool(jnp.all(jnp.isfinite(g))), name
@@ -139,7 +140,7 @@ def test_gradients_match_numpy_finite_differences(x64):
     return np.sum(np.sin(y)) + np.sum(h * np.cos(h))
 
   case = (7, 3, True, True, True)
-  grads = jax.jit(jax.grad(_loss(ssd, case, chunk_size=3), tuple(range(7))))(
+  grads = jax.jit(jax.grad(_loss(ssd_chunked, case, chunk_size=3), tuple(range(7))))(
       *map(jnp.asarray, args), jnp.asarray(reset))
   rng = np.random.default_rng(1)
   for i, name in enumerate(ARG_NAMES):
@@ -156,7 +157,7 @@ def test_gradients_match_numpy_finite_differences(x64):
 def test_float32_keeps_dtype_and_is_close_to_float64():
   inp = make_inputs(21, dtype=np.float32)
   case = (21, 8, True, True, True)
-  y, h = jax.jit(lambda i: _call(ssd, i, case, chunk_size=8))(inp)
+  y, h = jax.jit(lambda i: _call(ssd_chunked, i, case, chunk_size=8))(inp)
   assert y.dtype == jnp.float32
   y_np, h_np = numpy_ssd(*(inp[k] for k in "x dt A B C".split()), D=inp["D"],
                          h0=inp["initial_state"], reset=inp["reset"])
@@ -167,7 +168,7 @@ def test_float32_keeps_dtype_and_is_close_to_float64():
 def test_chunk_size_does_not_change_the_result():
   inp = make_inputs(24, batch=1, dtype=np.float32)
   case = (24, None, True, True, True)
-  ys = [jax.jit(lambda i, q=q: _call(ssd, i, case, chunk_size=q)[0])(inp)
+  ys = [jax.jit(lambda i, q=q: _call(ssd_chunked, i, case, chunk_size=q)[0])(inp)
         for q in (1, 2, 5, 8, 24, 100)]
   for y in ys[1:]:
     assert_close(y, ys[0], 1e-5)
@@ -179,16 +180,16 @@ def test_packed_row_equals_separate_sequences():
   reset = np.zeros((1, 10), bool)
   reset[0, 6] = True
   args = [jnp.asarray(inp[k]) for k in "x dt A B C".split()]
-  packed = ssd(*args, chunk_size=4, reset=jnp.asarray(reset))
-  alone = ssd(*(a[:, 6:] if a.ndim > 1 else a for a in args), chunk_size=4)
+  packed = ssd_chunked(*args, chunk_size=4, reset=jnp.asarray(reset))
+  alone = ssd_chunked(*(a[:, 6:] if a.ndim > 1 else a for a in args), chunk_size=4)
   assert_close(packed[:, 6:], alone, 1e-5)
-  assert_close(packed[:, :6], ssd(*(a[:, :6] if a.ndim > 1 else a for a in args)), 1e-5)
+  assert_close(packed[:, :6], ssd_chunked(*(a[:, :6] if a.ndim > 1 else a for a in args)), 1e-5)
 
 
 def test_step_equals_ssd_of_length_one():
   inp = make_inputs(1, dtype=np.float32)
   args = [jnp.asarray(inp[k]) for k in "x dt A B C".split()]
-  y, h = ssd(*args, D=inp["D"], initial_state=inp["initial_state"], return_state=True)
+  y, h = ssd_chunked(*args, D=inp["D"], initial_state=inp["initial_state"], return_state=True)
   x, dt, A, B, C = args
   y1, h1 = ssd_step(jnp.asarray(inp["initial_state"]), x[:, 0], dt[:, 0], A, B[:, 0], C[:, 0],
                     jnp.asarray(inp["D"]))
@@ -200,17 +201,17 @@ def test_bad_arguments_raise_clear_errors():
   inp = make_inputs(4, dtype=np.float32)
   x, dt, A, B, C = (jnp.asarray(inp[k]) for k in "x dt A B C".split())
   with pytest.raises(ValueError, match="chunk_size=0"):
-    ssd(x, dt, A, B, C, chunk_size=0)
+    ssd_chunked(x, dt, A, B, C, chunk_size=0)
   with pytest.raises(ValueError, match=r"x must be \[batch, length, heads, head_dim\]"):
-    ssd(x[0], dt, A, B, C)
+    ssd_chunked(x[0], dt, A, B, C)
   with pytest.raises(ValueError, match="groups=4 .* must divide heads=6"):
-    ssd(x, dt, A, jnp.zeros((2, 4, 4, 3)), C)
+    ssd_chunked(x, dt, A, jnp.zeros((2, 4, 4, 3)), C)
   with pytest.raises(ValueError, match="A has shape"):
-    ssd(x, dt, A[:3], B, C)
+    ssd_chunked(x, dt, A[:3], B, C)
   with pytest.raises(ValueError, match="dt has shape"):
     ssd_reference(x, dt[..., :2], A, B, C)
   with pytest.raises(ValueError, match="initial_state has shape"):
-    ssd(x, dt, A, B, C, initial_state=jnp.zeros((2, 6, 5, 4)))
+    ssd_chunked(x, dt, A, B, C, initial_state=jnp.zeros((2, 6, 5, 4)))
   with pytest.raises(ValueError, match="reset has shape"):
-    ssd(x, dt, A, B, C, reset=jnp.zeros((2, 5), bool))
+    ssd_chunked(x, dt, A, B, C, reset=jnp.zeros((2, 5), bool))
   assert ssd_lib.DEFAULT_CHUNK_SIZE >= 1

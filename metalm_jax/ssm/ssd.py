@@ -96,8 +96,8 @@ def _heads(v, heads):
 
 # ----------------------------------------------------------------------------- chunked
 
-def ssd(x, dt, A, B, C, D=None, *, chunk_size=None, initial_state=None, return_state=False,
-        reset=None):
+def ssd_chunked(x, dt, A, B, C, D=None, *, chunk_size=None, initial_state=None,
+                return_state=False, reset=None):
   """Multi-head SSM y = SSD(x) by chunked matrix products (module docstring).
 
   Args:
