@@ -10,7 +10,7 @@ from metalm_jax import config as config_lib
 from metalm_jax import models, sharding
 from metalm_jax.data import datasets, pipeline
 from metalm_jax.inference.generate import generate
-from metalm_jax.models.hybrid import HybridDecoder, resolve_schedule
+from metalm_jax.models.hybrid import HybridDecoder, resolve_schedule, schedule_layers
 from metalm_jax.train import state as state_lib
 from metalm_jax.train import trainer
 from tests.test_config import load_config
@@ -20,8 +20,9 @@ VOCAB = 37
 
 
 def tiny(schedule="MAMA", **kw):
-  kw = dict(dict(vocab_size=VOCAB, d_model=14, num_layers=len(schedule), num_heads=2,
-                 num_kv_heads=1, head_dim=6, d_ff=22, d_state=5, schedule=schedule), **kw)
+  kw = dict(dict(vocab_size=VOCAB, d_model=14, num_layers=len(schedule_layers(schedule)),
+                 num_heads=2, num_kv_heads=1, head_dim=6, d_ff=22, d_state=5,
+                 schedule=schedule), **kw)
   return HybridDecoder(**kw, rngs=nnx.Rngs(0))
 
 
@@ -37,6 +38,39 @@ def test_schedules_jamba_rule_explicit_and_named():
   assert resolve_schedule(4, "MAMM") == "MAMM"
   assert resolve_schedule(3, "attention") == "AAA"
   assert resolve_schedule(3, "mamba") == "MMM"
+
+
+def test_mamba2_schedules():
+  assert resolve_schedule(8, mamba_version=2) == "M2M2M2M2AM2M2M2"
+  assert schedule_layers(resolve_schedule(8, mamba_version=2)) == ("M2",) * 4 + ("A",) + (
+      "M2",) * 3
+  assert resolve_schedule(3, "mamba", mamba_version=2) == "M2M2M2"
+  assert resolve_schedule(4, "MM2AM") == "MM2AM"
+  assert schedule_layers("MM2AM") == ("M", "M2", "A", "M")
+  with pytest.raises(ValueError, match="has 4 layers but num_layers=3"):
+    resolve_schedule(3, "MM2AM")
+  with pytest.raises(ValueError, match="mamba_version=3"):
+    resolve_schedule(3, mamba_version=3)
+  model = tiny("M2AMM2", ssm_head_dim=7, ssm_num_groups=2)
+  assert model.layer_kinds == ("M2", "A", "M", "M2") and model.schedule == "M2AMM2"
+  assert {type(layer.mixer).__name__ for layer in (model.layers[0], model.layers[3])} == {
+      "Mamba2Block"}
+  assert type(model.layers[2].mixer).__name__ == "MambaBlock"
+  cache = model.init_cache(3, 50)
+  assert cache["layers"][0]["ssm_state"].shape == (3, 4, 7, 5)  # 28 / 7 heads of 7, N 5
+  assert cache["layers"][2]["ssm_state"].shape == (3, 28, 5)
+
+
+def test_out_proj_init_rescaled_by_two_residuals_per_layer():
+  """rescale_prenorm_residual: the Mamba out_proj init / sqrt(2 * num_layers)."""
+  import math
+
+  for kind in ("M", "M2"):
+    model = tiny(kind * 8, d_model=64, ssm_head_dim=16)
+    w = np.concatenate([np.asarray(layer.mixer.out_proj.kernel[...]).ravel()
+                        for layer in model.layers])
+    bound = 1 / math.sqrt(128) / math.sqrt(16)
+    assert np.abs(w).max() <= bound and abs(w.std() / (bound / math.sqrt(3)) - 1) < 0.05, kind
 
 
 @pytest.mark.parametrize("schedule,num_layers,match", [
@@ -69,10 +103,13 @@ def test_every_param_has_logical_axis_names():
 
 # ----------------------------------------------------------------------------- decoding
 
-@pytest.mark.parametrize("position,threshold", [("none", None), ("rope", 4)])
-def test_step_by_step_and_prefill_decoding_equal_parallel_forward(position, threshold):
+@pytest.mark.parametrize("schedule,position,threshold", [
+    ("MAMA", "none", None), ("MAMA", "rope", 4), ("M2AMM2", "none", None)])
+def test_step_by_step_and_prefill_decoding_equal_parallel_forward(schedule, position,
+                                                                  threshold):
   """Mixed KV + SSM cache; threshold=4 runs the A layers blockwise (lazy masks) too."""
-  model = tiny("MAMA", position=position, blockwise_threshold=threshold, block_size=3)
+  model = tiny(schedule, position=position, blockwise_threshold=threshold, block_size=3,
+               ssm_head_dim=7, chunk_size=4)
   tokens = _tokens()
   graphdef, state = nnx.split(model)
 
@@ -115,9 +152,10 @@ def test_generate_greedy_matches_parallel_argmax():
   np.testing.assert_array_equal(out[:, 4:], jnp.argmax(logits[:, 3:6], -1))
 
 
-def test_packed_documents_do_not_leak():
+@pytest.mark.parametrize("schedule", ["MAMM", "M2AM2M"])
+def test_packed_documents_do_not_leak(schedule):
   """A row packing two documents gives each document's logits as if it were alone."""
-  model = tiny("MAMM", position="rope")
+  model = tiny(schedule, position="rope", ssm_head_dim=7, chunk_size=4)
   a, b = _tokens(1, 5, seed=2), _tokens(1, 6, seed=3)
   seg = jnp.asarray([[1] * 5 + [2] * 6])
   pos = jnp.asarray([list(range(5)) + list(range(6))])
