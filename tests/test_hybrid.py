@@ -175,16 +175,20 @@ def test_packed_documents_do_not_leak(schedule):
 
 # ----------------------------------------------------------------------------- configs, mesh
 
-def test_configs_validate_and_twins_have_equal_parameter_counts():
+@pytest.mark.parametrize("mamba", ["1", "2"])
+def test_configs_validate_and_twins_have_equal_parameter_counts(mamba):
   counts = {}
   for arch in ("hybrid", "attention"):
-    config = load_config("hybrid_lm", f"size=test,arch={arch}")
+    config = load_config("hybrid_lm", f"size=test,arch={arch},mamba={mamba}")
     config_lib.validate(config)
     counts[arch] = state_lib.Model(config.model).param_count()
-  assert load_config("hybrid_lm", "size=tiny").model.schedule == "MMMMAMMM"
+  assert load_config("hybrid_lm", f"size=tiny,mamba={mamba}").model.schedule == (
+      "MMMMAMMM" if mamba == "1" else "M2M2M2M2AM2M2M2")
   assert abs(counts["hybrid"] - counts["attention"]) / counts["hybrid"] < 0.01, counts
   with pytest.raises(ValueError, match="has 3 layers"):
     load_config("hybrid_lm", "size=test,schedule=MAM")
+  with pytest.raises(ValueError, match="mamba='3'"):
+    load_config("hybrid_lm", "size=test,mamba=3")
 
 
 def test_sharded_step_equals_single_device(pydoc_data_dir, devices8):
