@@ -20,6 +20,7 @@ from metalm_jax import config as config_lib
 from metalm_jax import models
 from metalm_jax import sharding
 from metalm_jax.models import freeze
+from metalm_jax.train import weight_decay
 
 
 @flax.struct.dataclass
@@ -150,7 +151,7 @@ def make_optimizer(opt_config, num_train_steps: int, params: Any = None, *,
   parts.append(optax.adamw(
       schedule if k == 1 else (lambda update: schedule(update * k)), b1=opt_config.b1,
       b2=opt_config.b2, eps=opt_config.eps, weight_decay=opt_config.weight_decay,
-      mask=decay_mask))
+      mask=weight_decay.decay_mask))
   if has_multipliers:
     parts.append(scale_by_path(lr_multiplier_fn(opt_config)))
   tx = optax.chain(*parts)
