@@ -191,8 +191,11 @@ def test_configs_validate_and_twins_have_equal_parameter_counts(mamba):
     load_config("hybrid_lm", "size=test,mamba=3")
 
 
-def test_sharded_step_equals_single_device(pydoc_data_dir, devices8):
-  config = ml_collections.ConfigDict(load_config("hybrid_lm", "size=test").to_dict())
+@pytest.mark.parametrize("mamba", ["1", pytest.param("2", marks=pytest.mark.slow)])
+def test_sharded_step_equals_single_device(pydoc_data_dir, devices8, mamba):
+  """A (2, 2, 2) mesh step == one device (mamba=2: the 'ssm_heads' rule on 'tensor')."""
+  config = ml_collections.ConfigDict(load_config("hybrid_lm", f"size=test,mamba={mamba}")
+                                     .to_dict())
   config.data.data_dir = pydoc_data_dir
   tokenizer = trainer.load_tokenizer(config.data)
   source = datasets.data_source("pydoc_topics", "train", pydoc_data_dir)
