@@ -10,13 +10,14 @@ r"""Hybrid Transformer-Mamba LM (Jamba's 1:7 schedule) or its pure-attention twi
 
 Mamba-1 or Mamba-2 (`mamba=1|2`, or per layer in an explicit schedule: 'M' / 'M2'):
   mamba=1 (default)  the S6 selective scan (`ssm.MambaBlock`): a [d_inner, d_state] diagonal A,
-            d_state 16; run as a sequential scan, the fastest layer on CPU at these sizes.
+            d_state 16; on CPU a sequential scan (one fused step per token).
   mamba=2   SSD (`ssm.Mamba2Block`, Dao & Gu 2024): one scalar A per head of `ssm_head_dim`
             channels, B / C shared by `ssm_num_groups` groups, a gated RMSNorm before out_proj;
-            run as chunked matmuls (`chunk_size`), so a larger state (d_state 64 here, 64-128 in
-            the paper) costs little, and GPU / TPU matrix units do the work. Pick it for long
-            contexts on accelerators and for large states; docs/benchmarks.md has the timings
-            of both kinds side by side (scan, hybrid forward, decode).
+            run as chunked matmuls (`chunk_size`): its cost grows with d_state only in the
+            per-chunk state terms, so it affords a larger state (d_state 64 here, 64-128 in
+            the paper), and GPU / TPU matrix units do the work. Pick it for large states and
+            accelerators; docs/benchmarks.md times both kinds side by side at equal state size
+            (scan, hybrid forward, decode) before you choose on CPU.
   Both keep a constant decoding state; the attention twin's d_ff matches either one's
   parameter count.
 

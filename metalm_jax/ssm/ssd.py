@@ -163,8 +163,8 @@ def _reset_masks(reset):
 
 
 def _sum(v, axis):
-  """Sum over one axis as a contraction with ones: XLA:CPU runs these as dots, much faster
-  than some reduce fusions it builds (measured: ~10x in this backward pass)."""
+  """Sum over one axis as a contraction with ones (a dot): for the autodiff version of this
+  backward XLA:CPU built YNNPACK reduce fusions that took ~40% of its time (profiled)."""
   ones = jnp.ones((v.shape[axis],), v.dtype)
   return jnp.tensordot(jnp.moveaxis(v, axis, -1), ones, axes=1)
 
