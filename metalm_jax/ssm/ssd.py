@@ -135,18 +135,21 @@ def ssd_chunked(x, dt, A, B, C, D=None, *, chunk_size=None, initial_state=None,
     return v.reshape((batch, num_chunks, q) + split)
 
   r = heads // groups
-  # Head-major chunks: x [b, c, G, R, Q, P]; dt [b, c, G, R, Q]; B, C [b, c, G, Q, N].
-  xs = jnp.moveaxis(chunks(x, groups, r, head_dim), 2, 4)
+  # x in "group-natural" layout [b, c, G, Q, R, P] (for G = 1 the input's own memory order);
+  # dt [b, c, G, R, Q] head-major; B, C [b, c, G, Q, N]; states [b, G, N, R, P] (state axis
+  # first, so the state contractions read x in its natural order and need no transposing
+  # copy: only the per-head Q x Q product needs x head-major).
+  xs = jnp.moveaxis(chunks(x, groups, r, head_dim), 3, 2)
   dts = jnp.moveaxis(chunks(dt, groups, r), 2, 4)
   bs = jnp.moveaxis(chunks(B, groups, d_state), 2, 3)
   cs = jnp.moveaxis(chunks(C, groups, d_state), 2, 3)
   masks = None if reset is None else _reset_masks(chunks(reset))
-  y, h_last = _ssd_chunks(xs, dts, A.astype(cdt).reshape(groups, r), bs, cs,
-                          h0.reshape(batch, groups, r, head_dim, d_state), masks)
-  y = jnp.moveaxis(y, 4, 2).reshape(batch, num_chunks * q, heads, head_dim)[:, :length]
+  h0 = jnp.moveaxis(h0.reshape(batch, groups, r, head_dim, d_state), 4, 2)
+  y, h_last = _ssd_chunks(xs, dts, A.astype(cdt).reshape(groups, r), bs, cs, h0, masks)
+  y = jnp.moveaxis(y, 2, 3).reshape(batch, num_chunks * q, heads, head_dim)[:, :length]
   y = _skip(y, x, D)
   if return_state:
-    return y, h_last.reshape(batch, heads, head_dim, d_state)
+    return y, jnp.moveaxis(h_last, 2, 4).reshape(batch, heads, head_dim, d_state)
   return y
 
 
@@ -177,128 +180,130 @@ def _cumsum(v, reverse=False):
   return jnp.matmul(v, tri.T if reverse else tri, precision=jax.lax.Precision.HIGHEST)
 
 
+def _local(dt, A, masks, q):
+  """The chunk-local decay pieces shared by the forward and backward passes.
+
+  cum [b, c, G, R, Q]: log decay from the chunk's start; e_end = exp(cum_Q - cum_s) and
+  e_start = exp(cum_t) with their reset masks; through = exp(cum_Q) [b, c, G, R]; intra (bool)
+  the (t, s) paths inside a chunk. Every exponent is <= 0.
+  """
+  cum = _cumsum(dt * A[..., None])
+  if masks is None:
+    intra = jnp.tril(jnp.ones((q, q), bool))
+    from_start = to_end = through_mask = None
+  else:
+    intra, from_start, to_end, through_mask = masks
+    intra = intra > 0
+  e_end = jnp.exp(cum[..., -1:] - cum)
+  e_start = jnp.exp(cum)
+  through = jnp.exp(cum[..., -1])
+  if masks is not None:
+    e_end, e_start, through = e_end * to_end, e_start * from_start, through * through_mask
+  return cum, intra, e_end, e_start, through
+
+
+def _gq(v):
+  """[b, c, G, R, Q] (head-major) -> [b, c, G, Q, R, 1] to scale group-natural arrays."""
+  return jnp.swapaxes(v, -1, -2)[..., None]
+
+
 def _forward_parts(x, dt, A, B, C, h0, masks):
   """The chunked forward; also returns what the backward pass reuses.
 
-  x [b, c, G, R, Q, P]; dt [b, c, G, R, Q]; A [G, R]; B, C [b, c, G, Q, N]; h0 [b, G, R, P, N];
-  masks from `_reset_masks` or None. Every exponent is <= 0.
+  x [b, c, G, Q, R, P] (group-natural); dt [b, c, G, R, Q]; A [G, R]; B, C [b, c, G, Q, N];
+  h0 [b, G, N, R, P]; masks from `_reset_masks` or None.
+  Returns y [b, c, G, Q, R, P], the final state, and a dict of intermediates.
   """
-  q = x.shape[-2]
-  cum = _cumsum(dt * A[..., None])  # [b, c, G, R, Q]: log decay from the chunk's start
-  if masks is None:
-    intra = jnp.tril(jnp.ones((q, q), bool))
-    from_start = to_end = through = None
-  else:
-    intra, from_start, to_end, through = masks
-    intra = intra > 0
-  # 1. intra-chunk: W[t, s] = (C_t . B_s) exp(cum_t - cum_s) dt_s, y = W x.
+  q = x.shape[3]
+  cum, intra, e_end, e_start, through = _local(dt, A, masks, q)
+  x_h = jnp.swapaxes(x, 3, 4)  # [b, c, G, R, Q, P]: the one transposing copy of x
+  # 1. intra-chunk: W[t, s] = (C_t . B_s) exp(cum_t - cum_s) dt_s, y = W x, per head.
   decay = jnp.exp(jnp.where(intra, cum[..., :, None] - cum[..., None, :], -jnp.inf))
   cb = jnp.einsum("bcgtn,bcgsn->bcgts", C, B)
   w = cb[:, :, :, None] * decay * dt[..., None, :]  # [b, c, G, R, Q, Q]
-  y = jnp.einsum("bcgrts,bcgrsp->bcgrtp", w, x)
-  # 2. each chunk's own final state: S = sum_s exp(cum_Q - cum_s) dt_s x_s B_s^T.
-  e_end = jnp.exp(cum[..., -1:] - cum)
-  if to_end is not None:
-    e_end = e_end * to_end
-  u = e_end * dt
-  chunk_states = jnp.einsum("bcgrsp,bcgsn->bcgrpn", u[..., None] * x, B)
+  y_h = jnp.einsum("bcgrts,bcgrsp->bcgrtp", w, x_h)
+  # 2. each chunk's own final state, S[n, (r, p)] = sum_s B_s[n] u_s x_s[(r, p)].
+  ux = _gq(e_end * dt) * x
+  chunk_states = jnp.einsum("bcgsn,bcgsrp->bcgnrp", B, ux)
   # 3. state passing over chunks: h_enter[c + 1] = exp(cum_Q[c]) h_enter[c] + S[c].
-  through_decay = jnp.exp(cum[..., -1])  # [b, c, G, R]
-  if through is not None:
-    through_decay = through_decay * through
   h_last, h_enter = jax.lax.scan(
-      lambda h, a: (a[0][..., None, None] * h + a[1], h), h0,
-      (jnp.moveaxis(through_decay, 1, 0), jnp.moveaxis(chunk_states, 1, 0)))
-  h_enter = jnp.moveaxis(h_enter, 0, 1)  # [b, c, G, R, P, N]
+      lambda h, a: (a[0][:, :, None, :, None] * h + a[1], h), h0,
+      (jnp.moveaxis(through, 1, 0), jnp.moveaxis(chunk_states, 1, 0)))
+  h_enter = jnp.moveaxis(h_enter, 0, 1)  # [b, c, G, N, R, P]
   # 4. the entering state read out: exp(cum_t) C_t h_enter.
-  e_start = jnp.exp(cum)
-  if from_start is not None:
-    e_start = e_start * from_start
-  ch = jnp.einsum("bcgtn,bcgrpn->bcgrtp", C, h_enter)
-  y = y + e_start[..., None] * ch
-  parts = dict(decay=decay, cb=cb, w=w, e_end=e_end, u=u, through_decay=through_decay,
-               h_enter=h_enter, e_start=e_start, ch=ch)
-  return y, h_last, parts
+  ch = jnp.einsum("bcgtn,bcgnrp->bcgtrp", C, h_enter)
+  y = jnp.swapaxes(y_h, 3, 4) + _gq(e_start) * ch
+  return y, h_last, dict(x_h=x_h, h_enter=h_enter, through=through)
 
 
 @jax.custom_vjp
 def _ssd_chunks(x, dt, A, B, C, h0, masks):
-  """Chunked SSD in head-major layout (shapes in `_forward_parts`) -> (y [b, c, G, R, Q, P],
-  final state [b, G, R, P, N]). Custom VJP: every gradient is a batched matmul or an
-  elementwise product; autodiff of the forward built reduce fusions ~5x slower on CPU."""
+  """Chunked SSD (shapes in `_forward_parts`) -> (y [b, c, G, Q, R, P], final state
+  [b, G, N, R, P]). Custom VJP: every gradient is a batched matmul or an elementwise
+  product; autodiff of the forward built reduce fusions ~5x slower on CPU (profiled)."""
   y, h_last, _ = _forward_parts(x, dt, A, B, C, h0, masks)
   return y, h_last
 
 
 def _ssd_chunks_fwd(x, dt, A, B, C, h0, masks):
   y, h_last, parts = _forward_parts(x, dt, A, B, C, h0, masks)
-  return (y, h_last), (x, dt, A, B, C, masks, parts["h_enter"], parts["through_decay"])
+  return (y, h_last), (x, parts["x_h"], dt, A, B, C, masks, parts["h_enter"],
+                       parts["through"])
 
 
 def _ssd_chunks_bwd(residuals, cotangents):
-  x, dt, A, B, C, masks, h_enter, through_decay = residuals
-  gy, g_last = cotangents
-  # Recompute the cheap chunk-local pieces (the saved ones are the scan's states).
-  q = x.shape[-2]
-  cum = _cumsum(dt * A[..., None])
-  if masks is None:
-    intra = jnp.tril(jnp.ones((q, q), bool))
-    from_start = to_end = through = None
-  else:
-    intra, from_start, to_end, through = masks
-    intra = intra > 0
-  decay = jnp.exp(jnp.where(intra, cum[..., :, None] - cum[..., None, :], -jnp.inf))
-  cb = jnp.einsum("bcgtn,bcgsn->bcgts", C, B)
-  w = cb[:, :, :, None] * decay * dt[..., None, :]
-  e_end = jnp.exp(cum[..., -1:] - cum)
-  if to_end is not None:
-    e_end = e_end * to_end
+  x, x_h, dt, A, B, C, masks, h_enter, through = residuals
+  gy, g_last = cotangents  # gy [b, c, G, Q, R, P]
+  q = x.shape[3]
+  cum, intra, e_end, e_start, _ = _local(dt, A, masks, q)
   u = e_end * dt
-  e_start = jnp.exp(cum)
-  if from_start is not None:
-    e_start = e_start * from_start
 
-  # 4. y += e_start * (C h_enter).
-  ch = jnp.einsum("bcgtn,bcgrpn->bcgrtp", C, h_enter)
-  g_e_start = _sum(gy * ch, -1)  # [b, c, G, R, Q]
-  g_ch = gy * e_start[..., None]
-  g_c = jnp.einsum("bcgrtp,bcgrpn->bcgtn", g_ch, h_enter)
-  g_h_enter = jnp.einsum("bcgrtp,bcgtn->bcgrpn", g_ch, C)
+  # 4. y += e_start * (C h_enter)   (group-natural layout).
+  ch = jnp.einsum("bcgtn,bcgnrp->bcgtrp", C, h_enter)
+  g_e_start = jnp.swapaxes(_sum(gy * ch, -1), -1, -2)  # [b, c, G, R, Q]
+  g_ch = gy * _gq(e_start)
+  g_c = jnp.einsum("bcgtrp,bcgnrp->bcgtn", g_ch, h_enter)
+  g_h_enter = jnp.einsum("bcgtn,bcgtrp->bcgnrp", C, g_ch)
 
   # 3. state passing, reversed: g of the state after chunk c is g_S[c].
   def back(g, inp):
-    a, h, g_in = inp  # through decay [b, G, R], state entering [b, G, R, P, N], its cotangent
-    g_a = _sum(_sum(g * h, -1), -1)
-    return a[..., None, None] * g + g_in, (g, g_a)
+    a, h, g_in = inp  # through decay [b, G, R], state entering [b, G, N, R, P], its cotangent
+    g_a = _sum(_sum(jnp.swapaxes(g * h, 2, 3), -1), -1)  # [b, G, R]
+    return a[:, :, None, :, None] * g + g_in, (g, g_a)
 
   g_h0, (g_states, g_through) = jax.lax.scan(
-      back, g_last, (jnp.moveaxis(through_decay, 1, 0), jnp.moveaxis(h_enter, 1, 0),
+      back, g_last, (jnp.moveaxis(through, 1, 0), jnp.moveaxis(h_enter, 1, 0),
                      jnp.moveaxis(g_h_enter, 1, 0)), reverse=True)
-  g_states = jnp.moveaxis(g_states, 0, 1)  # [b, c, G, R, P, N]
+  g_states = jnp.moveaxis(g_states, 0, 1)  # [b, c, G, N, R, P]
   g_through = jnp.moveaxis(g_through, 0, 1)  # [b, c, G, R]
 
-  # 2. S = sum_s u_s x_s B_s^T.
-  t1 = jnp.einsum("bcgrpn,bcgsn->bcgrsp", g_states, B)
-  g_u = _sum(t1 * x, -1)  # [b, c, G, R, Q]
-  g_x = u[..., None] * t1
-  g_b = jnp.einsum("bcgrsp,bcgrpn->bcgsn", u[..., None] * x, g_states)
+  # 2. S = B^T (u x).
+  g_ux = jnp.einsum("bcgsn,bcgnrp->bcgsrp", B, g_states)
+  g_u = jnp.swapaxes(_sum(g_ux * x, -1), -1, -2)  # [b, c, G, R, Q]
+  g_x = g_ux * _gq(u)
+  g_b = jnp.einsum("bcgsrp,bcgnrp->bcgsn", _gq(u) * x, g_states)
 
-  # 1. y = W x, W = cb * decay * dt_s.
-  g_w = jnp.einsum("bcgrtp,bcgrsp->bcgrts", gy, x)
-  g_x = g_x + jnp.einsum("bcgrts,bcgrtp->bcgrsp", w, gy)
-  g_wd = g_w * decay
-  g_cb = _sum(g_wd * dt[..., None, :], 3)  # sum over the heads of a group: [b, c, G, Q, Q]
-  g_c = g_c + jnp.einsum("bcgts,bcgsn->bcgtn", g_cb, B)
-  g_b = g_b + jnp.einsum("bcgts,bcgtn->bcgsn", g_cb, C)
-  n2 = g_wd * cb[:, :, :, None]  # cotangent of (decay * dt_s)
-  g_dt_w = _sum(n2, -2)  # sum over t: [b, c, G, R, Q(s)]
-  g_diff = n2 * dt[..., None, :]  # cotangent of cum_t - cum_s (0 where masked)
+  # 1. y = W x per head, in the (s, t) orientation (W^T built directly, not transposed).
+  gy_h = jnp.swapaxes(gy, 3, 4)  # [b, c, G, R, Q, P]
+  intra_st = jnp.swapaxes(intra, -1, -2)
+  decay_st = jnp.exp(jnp.where(intra_st, cum[..., None, :] - cum[..., :, None], -jnp.inf))
+  cb_st = jnp.einsum("bcgsn,bcgtn->bcgst", B, C)
+  w_st = cb_st[:, :, :, None] * decay_st * dt[..., :, None]  # W^T [b, c, G, R, Q(s), Q(t)]
+  g_w_st = jnp.einsum("bcgrsp,bcgrtp->bcgrst", x_h, gy_h)
+  g_x = g_x + jnp.swapaxes(jnp.einsum("bcgrst,bcgrtp->bcgrsp", w_st, gy_h), 3, 4)
+  g_wd = g_w_st * decay_st
+  g_cb_st = _sum(g_wd * dt[..., :, None], 3)  # sum over the heads of a group: [b, c, G, s, t]
+  g_c = g_c + jnp.einsum("bcgst,bcgsn->bcgtn", g_cb_st, B)
+  g_b = g_b + jnp.einsum("bcgst,bcgtn->bcgsn", g_cb_st, C)
+  n2 = g_wd * cb_st[:, :, :, None]  # cotangent of (decay * dt_s)
+  g_dt_w = _sum(n2, -1)  # sum over t: [b, c, G, R, Q(s)]
+  g_diff = n2 * dt[..., :, None]  # cotangent of cum_t - cum_s (0 where masked)
 
   # cum's cotangent from every exp(.) above, then through the cumsum.
-  g_cum = _sum(g_diff, -1) - dt * g_dt_w  # rows (+cum_t), columns (-cum_s)
+  g_cum = _sum(g_diff, -2) - dt * g_dt_w  # +cum_t (sum over s), -cum_s
   g_end = g_u * dt * e_end  # exp(cum_Q - cum_s)
   g_cum = g_cum - g_end + g_e_start * e_start
-  last = _sum(g_end, -1) + g_through * through_decay  # onto cum_Q
+  last = _sum(g_end, -1) + g_through * through  # onto cum_Q
   g_cum = g_cum.at[..., -1].add(last)
   g_log_a = _cumsum(g_cum, reverse=True)
   g_dt = g_dt_w + g_u * e_end + g_log_a * A[..., None]
