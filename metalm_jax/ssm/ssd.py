@@ -16,14 +16,15 @@ cs_t = a_1 + ... + a_t inside the chunk,
         + exp(cs_t) C_t h_start                                     (the state entering it)
     h_end = exp(cs_Q) h_start + sum_s exp(cs_Q - cs_s) dt_s x_s B_s^T
 
-so `ssd` runs four batched matmuls per chunk and a short `lax.scan` over chunks (state
-passing); every exponent is <= 0, so nothing overflows. Packed rows: `reset` [b, L] (True
-where a new sequence starts) drops the state entering that step, i.e. the masks also require
-no reset in (s, t]. A length that is not a multiple of Q is padded with dt = 0, x = 0 steps
+so `ssd_chunked` runs four batched matmuls per chunk and a short `lax.scan` over chunks
+(state passing); every exponent is <= 0, so nothing overflows. Its backward is a custom VJP
+of the same shape (batched matmuls, elementwise products, a reverse scan over chunks).
+Packed rows: `reset` [b, L] (True where a new sequence starts) drops the state entering that
+step, i.e. the masks also require no reset in (s, t]. A length that is not a multiple of Q is padded with dt = 0, x = 0 steps
 (decay 1, no input), so the final state is exact.
 
 `ssd_reference` is the slow obvious recurrence (one `lax.scan` step per token, JAX autodiff)
-that the tests hold `ssd` equal to, in values and gradients; `ssd_step` is one token of it
+that the tests hold `ssd_chunked` equal to, in values and gradients; `ssd_step` is one token of it
 (decoding).
 
 Shapes: x [b, L, H, P]; dt [b, L, H] (positive: softplus already applied); A [H]; B, C
@@ -45,7 +46,7 @@ def ssd_reference(x, dt, A, B, C, D=None, *, initial_state=None, return_state=Fa
                   reset=None):
   """The recurrence one token at a time (`lax.scan`, JAX autodiff): the slow reference.
 
-  Arguments and results as `ssd` (no chunk size).
+  Arguments and results as `ssd_chunked` (no chunk size).
   """
   _check_shapes(x, dt, A, B, C, D, initial_state, reset)
   cdt = _compute_dtype(x)
@@ -70,8 +71,8 @@ def ssd_reference(x, dt, A, B, C, D=None, *, initial_state=None, return_state=Fa
 def ssd_step(h, x, dt, A, B, C, D=None):
   """One token (decoding): h [b, H, P, N]; x [b, H, P]; dt [b, H]; B, C [b, G, N]; D [H].
 
-  Returns (y [b, H, P] in x's dtype, h_next [b, H, P, N] in the compute dtype), equal to `ssd`
-  on a length-1 sequence from state h.
+  Returns (y [b, H, P] in x's dtype, h_next [b, H, P, N] in the compute dtype), equal to
+  `ssd_chunked` on a length-1 sequence from state h.
   """
   cdt = _compute_dtype(x)
   heads = x.shape[1]
