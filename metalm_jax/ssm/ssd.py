@@ -20,8 +20,8 @@ so `ssd_chunked` runs four batched matmuls per chunk and a short `lax.scan` over
 (state passing); every exponent is <= 0, so nothing overflows. Its backward is a custom VJP
 of the same shape (batched matmuls, elementwise products, a reverse scan over chunks).
 Packed rows: `reset` [b, L] (True where a new sequence starts) drops the state entering that
-step, i.e. the masks also require no reset in (s, t]. A length that is not a multiple of Q is padded with dt = 0, x = 0 steps
-(decay 1, no input), so the final state is exact.
+step, i.e. the masks also require no reset in (s, t]. A length that is not a multiple of Q
+is padded with dt = 0, x = 0 steps (decay 1, no input), so the final state is exact.
 
 `ssd_reference` is the slow obvious recurrence (one `lax.scan` step per token, JAX autodiff)
 that the tests hold `ssd_chunked` equal to, in values and gradients; `ssd_step` is one token of it
