@@ -93,16 +93,21 @@ def test_make_optimizer_leaves_ssm_dynamics_undecayed():
   `ndim >= 2` rule decayed it towards A = -1; now it stays, the projections shrink."""
   config = load_config("hybrid_lm", "size=test")
   model = state_lib.Model(config.model)
-  params, _ = model.init(jax.random.key(0))
+  params, _ = jax.jit(model.init)(jax.random.key(0))
   opt = ml_collections.ConfigDict(config_lib.base_config().optimizer.to_dict())
   opt.warmup_steps, opt.weight_decay, opt.learning_rate = 1, 0.5, 0.1
   tx = state_lib.make_optimizer(opt, num_train_steps=10)
-  opt_state = tx.init(params)
-  zeros = jax.tree.map(jnp.zeros_like, params)
-  new = params
-  for _ in range(2):
-    updates, opt_state = tx.update(zeros, opt_state, new)
-    new = jax.tree.map(lambda p, u: p + u, new, updates)
+
+  @jax.jit
+  def two_steps(params):
+    opt_state, new = tx.init(params), params
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    for _ in range(2):
+      updates, opt_state = tx.update(zeros, opt_state, new)
+      new = jax.tree.map(lambda p, u: p + u, new, updates)
+    return new
+
+  new = two_steps(params)
   layer = next(k for k in params["layers"] if "mamba" in params["layers"][k])
   old_m, new_m = params["layers"][layer]["mamba"], new["layers"][layer]["mamba"]
   for name in ("A_log", "D", "conv_bias"):
