@@ -1,8 +1,10 @@
 r"""Benchmarks by name: `python experiments/benchmark.py NAME [--json FILE] [NAME's flags]`.
 
   python experiments/benchmark.py scan --lengths 1024 4096 16384          # selective scan vs mambapy
+  python experiments/benchmark.py scan --methods sequential ssd           # Mamba-1 scan vs Mamba-2 SSD
   python experiments/benchmark.py hybrid --json results.jsonl             # hybrid vs attention forward
-  python experiments/benchmark.py decode                                  # decode step + cache bytes
+  python experiments/benchmark.py hybrid --archs hybrid hybrid_m2 attention   # ... Mamba-1 vs Mamba-2
+  python experiments/benchmark.py decode --archs attention hybrid hybrid_m2   # decode step + cache bytes
   python experiments/benchmark.py mfu --profile                           # train-step MFU vs matmul peak
   python experiments/benchmark.py gpt2                                    # train step vs torch GPT-2
   python experiments/benchmark.py aot --sizes small 1b                    # compile for 256 devices

@@ -61,7 +61,11 @@ FSDP_TP_RULES = (
     ("kv_heads", "tensor"),
     ("vocab", "tensor"),
     ("ssm_inner", "tensor"),
+    ("ssm_heads", "tensor"),  # Mamba-2's per-head A_log, D, dt_bias (heads split as d_inner)
 ) + ACTIVATION_RULES + (("activation_vocab", "tensor"),)  # logits and loss split as the head
+# Replicated on purpose (no rule): 'ssm_in_proj' (Mamba-2's in_proj output concatenates z, x,
+# B, C and dt, so a contiguous split would cut across roles) and 'ssm_conv' (its conv over x, B,
+# C); 'ssm_state', 'ssm_rank', 'ssm_proj', 'conv_width' (small).
 RULE_SETS = {"dp": DATA_PARALLEL_RULES, "fsdp": FSDP_RULES, "fsdp_tp": FSDP_TP_RULES}
 
 Rules = Sequence[tuple[str, str | Sequence[str] | None]]

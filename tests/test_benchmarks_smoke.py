@@ -142,3 +142,55 @@ def test_fusion_ratios_summary_and_plot(tmp_path):
   path = tmp_path / "img" / "fusion_cost.png"
   fusion.plot(rows, str(path))
   assert path.stat().st_size > 0
+
+
+# ------------------------------------------------ Mamba-2 / SSD rows (issue 22): tiny, no timing
+TINY_HYBRID = dict(d_model=16, num_layers=8, num_heads=2, d_ff=24, d_state=4, vocab=32)
+
+
+def test_scan_benchmark_ssd_rows_equal_state_size():
+  from experiments.benchmarks import scan
+
+  inputs = scan._inputs(9, 8, 3, 1)
+  x, dt, a, b, c, d, gy = scan.ssd_inputs(inputs, head_dim=4)
+  assert x.shape == (1, 9, 2, 4) and dt.shape == (1, 9, 2) and a.shape == (2,)
+  assert b.shape == c.shape == (1, 9, 1, 3) and x.size * 3 == inputs[0].size * 3  # same state
+  rows = scan.run(lengths=(9,), d_inner=8, d_state=3, repeats=1,
+                  methods=("sequential", "ssd", "ssd_reference"), ssd_head_dim=4,
+                  chunk_sizes={"ssd": [4]}, mambapy=False)
+  by = {r["method"]: r for r in rows}
+  assert set(by) == {"sequential", "ssd", "ssd_reference"} and by["ssd"]["chunk_size"] == 4
+  assert by["ssd"]["heads"] == 2 and by["ssd"]["vs_sequential_fwd"] > 0
+  assert all(r["fwd_ms"] > 0 and r["fwdbwd_ms"] > 0 for r in rows)
+  assert "vs_sequential_fwdbwd" in scan.to_markdown(rows)
+
+
+def test_hybrid_benchmark_three_archs_equal_parameter_counts():
+  from flax import nnx
+
+  from experiments.benchmarks import hybrid
+  from metalm_jax.models.decoder import param_count
+
+  counts = {arch: param_count(nnx.eval_shape(lambda a=arch: hybrid.build(
+      a, path="blockwise", block_size=8, ssm_head_dim=8, **TINY_HYBRID)))
+      for arch in hybrid.ARCHS}
+  assert all(abs(n / counts["hybrid"] - 1) < 0.01 for n in counts.values()), counts
+  rows = hybrid.run(lengths=(16,), repeats=1, paths=("blockwise",),
+                    archs=("hybrid_m2", "attention"), ssm_head_dim=8, block_size=8,
+                    **TINY_HYBRID)  # the Mamba-1 hybrid's row: test_hybrid's slow smoke test
+  assert [r["schedule"] for r in rows] == ["M2M2M2M2AM2M2M2", "AAAAAAAA"]
+  assert all(r["fwd_ms"] > 0 for r in rows) and rows[0]["speedup_vs_attention"] > 0
+  assert set(hybrid.best_ratios(rows, "hybrid_m2")) == {16}
+
+
+def test_decode_benchmark_mamba2_cache_is_constant():
+  from experiments.benchmarks import decode
+
+  rows = decode.run(contexts=(16, 64), steps=1, archs=("hybrid_m2", "mamba2"),
+                    ssm_head_dim=8, **TINY_HYBRID)
+  m2 = [r for r in rows if r["arch"] == "mamba2"]
+  assert m2[0]["cache_mib"] == m2[1]["cache_mib"] and m2[0]["attn_cache_mib"] == 0
+  # conv_state (d_conv - 1) x (d_inner + 2 d_state) + ssm_state d_inner x d_state, float32
+  assert m2[0]["bytes_per_mamba_layer"] == 4 * (3 * (32 + 8) + 32 * 4)
+  hyb = [r for r in rows if r["arch"] == "hybrid_m2"]
+  assert hyb[1]["attn_cache_mib"] == 4 * hyb[0]["attn_cache_mib"]

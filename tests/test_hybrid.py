@@ -10,7 +10,7 @@ from metalm_jax import config as config_lib
 from metalm_jax import families, models, sharding
 from metalm_jax.data import datasets, pipeline
 from metalm_jax.inference.generate import generate
-from metalm_jax.models.hybrid import HybridDecoder, resolve_schedule
+from metalm_jax.models.hybrid import HybridDecoder, resolve_schedule, schedule_layers
 from metalm_jax.train import state as state_lib
 from tests.test_config import load_config
 from tests.test_train import _one_step
@@ -19,8 +19,9 @@ VOCAB = 37
 
 
 def tiny(schedule="MAMA", **kw):
-  kw = dict(dict(vocab_size=VOCAB, d_model=14, num_layers=len(schedule), num_heads=2,
-                 num_kv_heads=1, head_dim=6, d_ff=22, d_state=5, schedule=schedule), **kw)
+  kw = dict(dict(vocab_size=VOCAB, d_model=14, num_layers=len(schedule_layers(schedule)),
+                 num_heads=2, num_kv_heads=1, head_dim=6, d_ff=22, d_state=5,
+                 schedule=schedule), **kw)
   return HybridDecoder(**kw, rngs=nnx.Rngs(0))
 
 
@@ -36,6 +37,39 @@ def test_schedules_jamba_rule_explicit_and_named():
   assert resolve_schedule(4, "MAMM") == "MAMM"
   assert resolve_schedule(3, "attention") == "AAA"
   assert resolve_schedule(3, "mamba") == "MMM"
+
+
+def test_mamba2_schedules():
+  assert resolve_schedule(8, mamba_version=2) == "M2M2M2M2AM2M2M2"
+  assert schedule_layers(resolve_schedule(8, mamba_version=2)) == ("M2",) * 4 + ("A",) + (
+      "M2",) * 3
+  assert resolve_schedule(3, "mamba", mamba_version=2) == "M2M2M2"
+  assert resolve_schedule(4, "MM2AM") == "MM2AM"
+  assert schedule_layers("MM2AM") == ("M", "M2", "A", "M")
+  with pytest.raises(ValueError, match="has 4 layers but num_layers=3"):
+    resolve_schedule(3, "MM2AM")
+  with pytest.raises(ValueError, match="mamba_version=3"):
+    resolve_schedule(3, mamba_version=3)
+  model = tiny("M2AMM2", ssm_head_dim=7, ssm_num_groups=2)
+  assert model.layer_kinds == ("M2", "A", "M", "M2") and model.schedule == "M2AMM2"
+  assert {type(layer.mixer).__name__ for layer in (model.layers[0], model.layers[3])} == {
+      "Mamba2Block"}
+  assert type(model.layers[2].mixer).__name__ == "MambaBlock"
+  cache = model.init_cache(3, 50)
+  assert cache["layers"][0]["ssm_state"].shape == (3, 4, 7, 5)  # 28 / 7 heads of 7, N 5
+  assert cache["layers"][2]["ssm_state"].shape == (3, 28, 5)
+
+
+def test_out_proj_init_rescaled_by_two_residuals_per_layer():
+  """rescale_prenorm_residual: the Mamba out_proj init / sqrt(2 * num_layers)."""
+  import math
+
+  for kind in ("M", "M2"):
+    model = tiny(kind * 8, d_model=64, ssm_head_dim=16)
+    w = np.concatenate([np.asarray(layer.mixer.out_proj.kernel[...]).ravel()
+                        for layer in model.layers])
+    bound = 1 / math.sqrt(128) / math.sqrt(16)
+    assert np.abs(w).max() <= bound and abs(w.std() / (bound / math.sqrt(3)) - 1) < 0.05, kind
 
 
 @pytest.mark.parametrize("schedule,num_layers,match", [
@@ -68,10 +102,13 @@ def test_every_param_has_logical_axis_names():
 
 # ----------------------------------------------------------------------------- decoding
 
-@pytest.mark.parametrize("position,threshold", [("none", None), ("rope", 4)])
-def test_step_by_step_and_prefill_decoding_equal_parallel_forward(position, threshold):
+@pytest.mark.parametrize("schedule,position,threshold", [
+    ("MAMA", "none", None), ("MAMA", "rope", 4), ("M2AMM2", "none", None)])
+def test_step_by_step_and_prefill_decoding_equal_parallel_forward(schedule, position,
+                                                                  threshold):
   """Mixed KV + SSM cache; threshold=4 runs the A layers blockwise (lazy masks) too."""
-  model = tiny("MAMA", position=position, blockwise_threshold=threshold, block_size=3)
+  model = tiny(schedule, position=position, blockwise_threshold=threshold, block_size=3,
+               ssm_head_dim=7, chunk_size=4)
   tokens = _tokens()
   graphdef, state = nnx.split(model)
 
@@ -114,9 +151,10 @@ def test_generate_greedy_matches_parallel_argmax():
   np.testing.assert_array_equal(out[:, 4:], jnp.argmax(logits[:, 3:6], -1))
 
 
-def test_packed_documents_do_not_leak():
+@pytest.mark.parametrize("schedule", ["MAMM", "M2AM2M"])
+def test_packed_documents_do_not_leak(schedule):
   """A row packing two documents gives each document's logits as if it were alone."""
-  model = tiny("MAMM", position="rope")
+  model = tiny(schedule, position="rope", ssm_head_dim=7, chunk_size=4)
   a, b = _tokens(1, 5, seed=2), _tokens(1, 6, seed=3)
   seg = jnp.asarray([[1] * 5 + [2] * 6])
   pos = jnp.asarray([list(range(5)) + list(range(6))])
@@ -136,20 +174,27 @@ def test_packed_documents_do_not_leak():
 
 # ----------------------------------------------------------------------------- configs, mesh
 
-def test_configs_validate_and_twins_have_equal_parameter_counts():
+@pytest.mark.parametrize("mamba", ["1", "2"])
+def test_configs_validate_and_twins_have_equal_parameter_counts(mamba):
   counts = {}
   for arch in ("hybrid", "attention"):
-    config = load_config("hybrid_lm", f"size=test,arch={arch}")
+    config = load_config("hybrid_lm", f"size=test,arch={arch},mamba={mamba}")
     config_lib.validate(config)
     counts[arch] = state_lib.Model(config.model).param_count()
-  assert load_config("hybrid_lm", "size=tiny").model.schedule == "MMMMAMMM"
+  assert load_config("hybrid_lm", f"size=tiny,mamba={mamba}").model.schedule == (
+      "MMMMAMMM" if mamba == "1" else "M2M2M2M2AM2M2M2")
   assert abs(counts["hybrid"] - counts["attention"]) / counts["hybrid"] < 0.01, counts
   with pytest.raises(ValueError, match="has 3 layers"):
     load_config("hybrid_lm", "size=test,schedule=MAM")
+  with pytest.raises(ValueError, match="mamba='3'"):
+    load_config("hybrid_lm", "size=test,mamba=3")
 
 
-def test_sharded_step_equals_single_device(pydoc_data_dir, devices8):
-  config = ml_collections.ConfigDict(load_config("hybrid_lm", "size=test").to_dict())
+@pytest.mark.parametrize("mamba", ["1", pytest.param("2", marks=pytest.mark.slow)])
+def test_sharded_step_equals_single_device(pydoc_data_dir, devices8, mamba):
+  """A (2, 2, 2) mesh step == one device (mamba=2: the 'ssm_heads' rule on 'tensor')."""
+  config = ml_collections.ConfigDict(load_config("hybrid_lm", f"size=test,mamba={mamba}")
+                                     .to_dict())
   config.data.data_dir = pydoc_data_dir
   tokenizer = families.build(config).tokenizer
   source = datasets.data_source("pydoc_topics", "train", pydoc_data_dir)

@@ -152,3 +152,32 @@ def test_bad_arguments(block):
     block(jnp.zeros((1, 3, 7)))
   with pytest.raises(ValueError, match="segment_ids shape"):
     block(jnp.zeros((1, 3, D_MODEL)), segment_ids=jnp.ones((1, 4), jnp.int32))
+
+
+def test_projections_init_as_pytorch_linear():
+  """in_proj / x_proj / out_proj: U(+-1/sqrt(fan_in)) as torch.nn.Linear (std b / sqrt(3)),
+  not lecun_normal (std 1/sqrt(fan_in), values up to 2/sqrt(fan_in))."""
+  block = MambaBlock(64, d_state=16, rngs=nnx.Rngs(0))
+  for name, fan_in in (("in_proj", 64), ("x_proj", 128), ("out_proj", 128)):
+    w = np.asarray(getattr(block, name).kernel[...])
+    bound = 1 / math.sqrt(fan_in)
+    assert np.abs(w).max() <= bound, name
+    assert abs(w.std() / (bound / math.sqrt(3)) - 1) < 0.1, (name, w.std())
+
+
+def test_out_proj_rescaled_by_residual_count():
+  """The reference's rescale_prenorm_residual: out_proj / sqrt(num_residuals)."""
+  plain = MambaBlock(64, rngs=nnx.Rngs(0))
+  scaled = MambaBlock(64, num_residuals=16, rngs=nnx.Rngs(0))
+  np.testing.assert_allclose(scaled.out_proj.kernel[...], plain.out_proj.kernel[...] / 4,
+                             rtol=1e-6)
+  np.testing.assert_array_equal(scaled.in_proj.kernel[...], plain.in_proj.kernel[...])
+
+
+def test_dt_bias_added_in_float32_under_bfloat16():
+  """With bfloat16 compute the dt bias (softplus^-1(1e-3..1e-1) = -6.9..-2.3) is added in
+  float32: zero input gives exactly softplus(bias); a bfloat16 add would be off by up to ~3%."""
+  block = make_block(d_state=16, dtype=jnp.bfloat16)
+  dt, _, _ = block._ssm_params(jnp.zeros((1, 3, block.d_inner), jnp.bfloat16))
+  assert dt.dtype == jnp.float32
+  np.testing.assert_allclose(dt[0, 0], jax.nn.softplus(block.dt_proj.bias[...]), rtol=1e-6)

@@ -83,6 +83,8 @@ FAMILIES = {
     "decoder_scanned": Family("decoder_lm", "size=small", overrides=(("scan_layers", True),),
                               why="stacked blocks: a leading 'layers' axis, replicated"),
     "hybrid": Family("hybrid_lm", "size=small"),
+    "hybrid_mamba2": Family("hybrid_lm", "size=small,mamba=2",
+                            why="Mamba-2 layers: per-head A_log / D / dt_bias, gated norm"),
     "metalm_lm": Family("metalm_lm", "size=tiny,connector=resampler",
                         why="the resampler's first layer is the linear connector: covers both"),
     "metalm_vl": Family("metalm_vl", "size=tiny", overrides=(("vision_encoder.d_model", 128),),
@@ -213,8 +215,10 @@ TENSOR_PARALLEL_PATHS = {
 # Checked where present (not every family has them).
 OPTIONAL_TENSOR_PARALLEL_PATHS = {
     "Mamba projection": re.compile(r"(^|/)mamba/(in_proj|out_proj)/kernel$"),
+    # Mamba-2's in_proj concatenates roles ('ssm_in_proj', replicated); its out_proj splits.
+    "Mamba-2 out projection": re.compile(r"(^|/)mamba2/out_proj/kernel$"),
 }
-TENSOR_LOGICAL_AXES = ("mlp", "heads", "kv_heads", "vocab", "ssm_inner")
+TENSOR_LOGICAL_AXES = ("mlp", "heads", "kv_heads", "vocab", "ssm_inner", "ssm_heads")
 
 
 @pytest.mark.parametrize("family,rule_set", CASES)

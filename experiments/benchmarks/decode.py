@@ -3,9 +3,10 @@
     python experiments/benchmark.py decode
     python experiments/benchmark.py decode --contexts 1024 8192 --steps 32 --plot docs/img/x.png
 
-Three schedules of `HybridDecoder` (batch 1, same widths as the hybrid forward benchmark):
-'AAAAAAAA' (attention twin, equal parameter count), 'MMMMAMMM' (hybrid 1:7) and 'MMMMMMMM'
-(pure Mamba, the hybrid's d_ff). A cache is allocated for `context` tokens and its index set
+Five schedules of `HybridDecoder` (batch 1, same widths as the hybrid forward benchmark):
+'AAAAAAAA' (attention twin, equal parameter count), 'MMMMAMMM' (hybrid 1:7), 'MMMMMMMM'
+(pure Mamba, the hybrid's d_ff), and with Mamba-2 layers of the same state size (--archs
+hybrid_m2 mamba2): 'M2M2M2M2AM2M2M2' (equal parameter count) and 'M2' x 8 (the hybrid's d_ff). A cache is allocated for `context` tokens and its index set
 near the end, then one-token `decode` steps are timed (jitted, cache buffers donated, median
 over --steps steps after a warm-up step). Attention decoding reads every cache slot (masked),
 so its step cost grows with the allocated context; a Mamba layer's state is constant.
@@ -34,11 +35,13 @@ def _nbytes(tree) -> int:
 def measure(model: HybridDecoder, context: int, steps: int) -> dict:
   graphdef, state = nnx.split(model)
   cache = model.init_cache(1, context)
-  kinds = {k: [c for s, c in zip(model.schedule, cache["layers"]) if s == k] for k in "AM"}
+  kinds = {k: [c for s, c in zip(model.layer_kinds, cache["layers"]) if s == k]
+           for k in ("A", "M", "M2")}
+  ssm = kinds["M"] + kinds["M2"]
   row = dict(cache_mib=_nbytes(cache) / MIB, attn_cache_mib=_nbytes(kinds["A"]) / MIB,
-             mamba_cache_mib=_nbytes(kinds["M"]) / MIB,
+             mamba_cache_mib=_nbytes(ssm) / MIB,
              bytes_per_attn_layer=_nbytes(kinds["A"][:1]) if kinds["A"] else None,
-             bytes_per_mamba_layer=_nbytes(kinds["M"][:1]) if kinds["M"] else None)
+             bytes_per_mamba_layer=_nbytes(ssm[:1]) if ssm else None)
   cache["index"] = jnp.int32(max(0, context - steps - 2))
 
   @jax.jit
@@ -58,18 +61,23 @@ def measure(model: HybridDecoder, context: int, steps: int) -> dict:
   return row
 
 
-def run(contexts=(1024, 4096, 16384, 32768), steps=20, **widths) -> list[dict]:
+ARCHS = ("attention", "hybrid", "mamba", "hybrid_m2", "mamba2")
+
+
+def run(contexts=(1024, 4096, 16384, 32768), steps=20, archs=("attention", "hybrid", "mamba"),
+        ssm_head_dim=32, **widths) -> list[dict]:
   rows = []
   for context in contexts:
-    for arch, schedule in (("attention", "AAAAAAAA"), ("hybrid", "MMMMAMMM"),
-                           ("mamba", "MMMMMMMM")):
-      model = build("attention" if arch == "attention" else "hybrid", path="reference",
-                    block_size=512, **widths)
-      if arch == "mamba":
+    for arch in archs:
+      if arch in ("mamba", "mamba2"):
         model = HybridDecoder(
-            vocab_size=model.vocab_size, d_model=widths["d_model"], schedule="mamba",
+            vocab_size=widths["vocab"], d_model=widths["d_model"], schedule="mamba",
+            mamba_version=2 if arch == "mamba2" else 1, ssm_head_dim=ssm_head_dim,
             num_layers=widths["num_layers"], num_heads=widths["num_heads"],
             d_ff=widths["d_ff"], d_state=widths["d_state"], rngs=nnx.Rngs(0))
+      else:
+        model = build(arch, path="reference", block_size=512, ssm_head_dim=ssm_head_dim,
+                      **widths)
       row = dict(context=context, arch=arch, schedule=model.schedule)
       row.update(measure(model, context, steps))
       rows.append(row)
@@ -92,8 +100,10 @@ def plot(rows, path: str) -> None:
   import matplotlib.pyplot as plt
 
   fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-  for arch in ("attention", "hybrid", "mamba"):
+  for arch in ARCHS:
     sel = [r for r in rows if r["arch"] == arch]
+    if not sel:
+      continue
     label = f"{arch} ({sel[0]['schedule']})" if sel else arch
     axes[0].plot([r["context"] for r in sel], [r["step_ms"] for r in sel], "-o", label=label)
     axes[1].plot([r["context"] for r in sel], [r["cache_mib"] for r in sel], "-o", label=label)
@@ -118,11 +128,16 @@ def main(argv=None):
   parser.add_argument("--d_ff", type=int, default=192)
   parser.add_argument("--d_state", type=int, default=16)
   parser.add_argument("--vocab", type=int, default=256)
+  parser.add_argument("--archs", nargs="+", default=["attention", "hybrid", "mamba"],
+                      choices=ARCHS)
+  parser.add_argument("--ssm_head_dim", type=int, default=32,
+                      help="Mamba-2 channels per head (d_inner = 2 d_model)")
   parser.add_argument("--plot", default="", help="write a PNG of latency and cache size here")
   args = parser.parse_args(argv)
   print(f"backend={jax.default_backend()} d_model={args.d_model} layers={args.num_layers} "
         f"batch=1 steps={args.steps} (median ms per one-token step)")
-  rows = run(tuple(args.contexts), args.steps, d_model=args.d_model,
+  rows = run(tuple(args.contexts), args.steps, tuple(args.archs), args.ssm_head_dim,
+             d_model=args.d_model,
              num_layers=args.num_layers, num_heads=args.num_heads, d_ff=args.d_ff,
              d_state=args.d_state, vocab=args.vocab)
   print(to_markdown(rows))

@@ -76,7 +76,7 @@ class MetaLM(nnx.Module):
     bos_id, pad_id: the encoder's `[BOS]` and padding ids.
     trainable_encoder_layers: k >= 0 trains only the text encoder's last k layers (the
       paper: 2, for a docked pretrained encoder); -1 trains everything. Stored for the
-      trainer, which applies `models.freeze.trainable_mask(params, trainable_layers=k)`.
+      trainer, which applies `train.optimizer.trainable_mask(params, trainable_layers=k)`.
   """
 
   SUBMODULES = {

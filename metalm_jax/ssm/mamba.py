@@ -16,6 +16,14 @@ so a packed row gives the same outputs as running each document alone.
 Decoding carries `dict(conv_state [B, d_conv - 1, d_inner], ssm_state [B, d_inner, d_state])`:
 constant memory in the sequence length. `decode` with T > 1 is a prefill through the parallel
 scan (`return_state`); with T = 1 it is one recurrence step.
+
+Initialisation as the reference (state-spaces/mamba, `Mamba` + `MambaLMHeadModel._init_weights`):
+the projections as PyTorch's `nn.Linear` (uniform, bound 1/sqrt(fan_in): `torch_linear_init`);
+`out_proj` further divided by sqrt(num_residuals), the reference's `rescale_prenorm_residual`
+with n = residual branches in the whole network (`n_residuals_per_layer * n_layer`; the hybrid
+passes 2 per layer: mixer and MLP); dt_proj's weight uniform +-dt_rank^-0.5 and its bias the
+inverse softplus of a log-uniform dt in [dt_min, dt_max]; A = -(1..d_state) (S4D-real); D = 1.
+The dt bias is added in float32 after the projection, also under bfloat16 compute.
 """
 from __future__ import annotations
 
@@ -27,7 +35,12 @@ from flax import nnx
 
 from metalm_jax.ssm import scan as scan_lib
 
-_default_kernel_init = nnx.initializers.lecun_normal()
+
+
+def torch_linear_init(scale: float = 1.0):
+  """PyTorch `nn.Linear`'s default weight init (kaiming_uniform with a = sqrt(5)), times `scale`:
+  U(-b, b) with b = scale / sqrt(fan_in), fan_in = the kernel's input axis ([in, out] kernels)."""
+  return nnx.initializers.variance_scaling(scale ** 2 / 3.0, "fan_in", "uniform")
 
 
 def causal_depthwise_conv(x, weight, bias, segment_ids=None):
@@ -82,9 +95,10 @@ class MambaBlock(nnx.Module):
   def __init__(self, d_model: int, *, d_state: int = 16, d_conv: int = 4, expand: int = 2,
                dt_rank: int | None = None, scan_method: str = "auto",
                chunk_size: int | None = None, dt_min: float = 1e-3, dt_max: float = 1e-1,
-               dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
+               num_residuals: int = 1, dtype=jnp.float32, param_dtype=jnp.float32,
+               rngs: nnx.Rngs):
     for name, value in (("d_model", d_model), ("d_state", d_state), ("d_conv", d_conv),
-                        ("expand", expand)):
+                        ("expand", expand), ("num_residuals", num_residuals)):
       if not isinstance(value, int) or value < 1:
         raise ValueError(f"MambaBlock {name}={value!r} must be a positive int.")
     if not 0 < dt_min <= dt_max:
@@ -98,7 +112,7 @@ class MambaBlock(nnx.Module):
     def linear(d_in, d_out, axes, **kw):
       return nnx.Linear(d_in, d_out, dtype=dtype, param_dtype=param_dtype, rngs=rngs,
                         kernel_init=nnx.with_partitioning(
-                            kw.pop("kernel_init", _default_kernel_init), axes), **kw)
+                            kw.pop("kernel_init", torch_linear_init()), axes), **kw)
 
     self.in_proj = linear(d_model, 2 * d_inner, ("embed", "ssm_inner"), use_bias=False)
     # PyTorch Conv1d's default init (uniform, bound 1/sqrt(fan_in), fan_in = d_conv).
@@ -127,14 +141,18 @@ class MambaBlock(nnx.Module):
                                      (d_inner, d_state)))
     self.A_log = nnx.Param(a_log.astype(param_dtype), out_sharding=("ssm_inner", "ssm_state"))
     self.D = nnx.Param(jnp.ones((d_inner,), param_dtype), out_sharding=("ssm_inner",))
-    self.out_proj = linear(d_inner, d_model, ("ssm_inner", "embed"), use_bias=False)
+    self.out_proj = linear(d_inner, d_model, ("ssm_inner", "embed"), use_bias=False,
+                           kernel_init=torch_linear_init(num_residuals ** -0.5))
 
   # --------------------------------------------------------------------------- pieces
 
   def _ssm_params(self, x):
     """x [B, L, d_inner] (after conv + SiLU) -> dt [B, L, d_inner], B, C [B, L, d_state]."""
     dt, b, c = jnp.split(self.x_proj(x), [self.dt_rank, self.dt_rank + self.d_state], axis=-1)
-    return jax.nn.softplus(self.dt_proj(dt).astype(jnp.float32)), b, c
+    # The projection in the compute dtype, the bias added in float32 (as the reference's
+    # kernel adds delta_bias in float32): bfloat16 would round softplus^-1(1e-3) = -6.9 by 0.03.
+    dt = jnp.dot(dt, self.dt_proj.kernel[...].astype(dt.dtype)).astype(jnp.float32)
+    return jax.nn.softplus(dt + self.dt_proj.bias[...].astype(jnp.float32)), b, c
 
   def _A(self):
     return -jnp.exp(self.A_log[...].astype(jnp.float32))

@@ -32,6 +32,7 @@ import optax
 
 from metalm_jax import config as config_lib
 from metalm_jax.config import ConfigError
+from metalm_jax.train import weight_decay
 
 
 def _key(entry) -> Any:
@@ -172,11 +173,6 @@ def learning_rate_schedule(opt_config, num_train_steps: int) -> optax.Schedule:
   return lambda step: base(step // k * k)
 
 
-def decay_mask(params) -> Any:
-  """Weight decay on weight matrices only; never on biases, norm scales or other vectors."""
-  return jax.tree.map(lambda p: p.ndim >= 2, params)
-
-
 def scale_by_path(multiplier: Callable[[str], float]) -> optax.GradientTransformation:
   """Multiplies each leaf's update by `multiplier('/'-joined path)` (stateless).
 
@@ -261,7 +257,7 @@ def make_optimizer(opt_config, num_train_steps: int, params: Any = None, *,
   parts.append(optax.adamw(
       schedule if k == 1 else (lambda update: schedule(update * k)), b1=opt_config.b1,
       b2=opt_config.b2, eps=opt_config.eps, weight_decay=opt_config.weight_decay,
-      mask=decay_mask))
+      mask=weight_decay.decay_mask))
   if has_multipliers:
     parts.append(scale_by_path(lr_multiplier_fn(opt_config)))
   tx = optax.chain(*parts)
