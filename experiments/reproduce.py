@@ -31,6 +31,8 @@ _DATA_DIR = flags.DEFINE_string("data_dir", None, "Data directory (default: $MET
                                 "else ~/.cache/metalm_jax/data).")
 _STAGES = flags.DEFINE_list("stages", None, "Run only these stages (default: all).")
 _LIST = flags.DEFINE_bool("list", False, "List the tables and exit.")
+_PRETRAINED = flags.DEFINE_string("pretrained", None, "metalm_multitask at full size: the "
+                                  "experiments/train.py workdir of the METALM to finetune.")
 
 # ---------------------------------------------------------------- benchmark tables
 # The paper's resolutions as visual tokens (plus 64 text tokens per row); video: frames x 576
@@ -85,6 +87,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   from metalm_jax import cli, tables  # after flags (XLA_FLAGS)
+  from metalm_jax.data import datasets
 
   cli.setup_logging()
   known = tables.names() + sorted(BENCHMARKS)
@@ -103,9 +106,19 @@ def main(argv):
       rows = benchmark_rows(_TABLE.value, tiny=_TINY.value, output_dir=_OUTPUT_DIR.value)
       spec = _benchmark_spec(_TABLE.value, _TINY.value)
     else:
-      spec = tables.load(_TABLE.value, f"tiny={int(_TINY.value)},runlocal={int(_RUNLOCAL.value)}")
-      tables.run(spec, output_dir=_OUTPUT_DIR.value, data_dir=_DATA_DIR.value,
-                 stages=tuple(_STAGES.value) if _STAGES.value else None)
+      arg = f"tiny={int(_TINY.value)},runlocal={int(_RUNLOCAL.value)}"
+      if _PRETRAINED.value:
+        arg += f",pretrained={_PRETRAINED.value}"
+      try:
+        spec = tables.load(_TABLE.value, arg)
+      except ValueError as e:  # a table argument that does not fit (says what to pass)
+        raise app.UsageError(str(e)) from None
+      try:
+        tables.run(spec, output_dir=_OUTPUT_DIR.value, data_dir=_DATA_DIR.value,
+                   stages=tuple(_STAGES.value) if _STAGES.value else None)
+      except datasets.DatasetNotPreparedError as e:
+        raise app.UsageError(f"{e}\n(--tiny runs the {_TABLE.value} table's whole path on "
+                             "generated or bundled data.)") from None
       rows = tables.rows(spec, output_dir=_OUTPUT_DIR.value)
     text = tables.write(spec, rows, output_dir=_OUTPUT_DIR.value, suffix=suffix)
   print(text)

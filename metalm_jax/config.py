@@ -188,11 +188,12 @@ def set_schedule(config: ml_collections.ConfigDict, *, seq_len: int, batch: int,
 
 def set_runlocal(config: ml_collections.ConfigDict, *, steps: int = 6, limit: int = 8) -> None:
   """A smoke run (a config's `runlocal=1`): `steps` steps of batches of at most 8, a
-  checkpoint and every evaluator at the end, on at most `limit` examples / 2 batches."""
+  checkpoint every steps // 3, every evaluator at the end on at most `limit` examples /
+  2 batches."""
   config.num_train_steps = steps
   config.batch_size = min(config.batch_size, 8)
-  config.eval_every_steps = config.checkpoint_every_steps = steps
-  config.log_every_steps = max(1, steps // 3)
+  config.eval_every_steps = steps
+  config.checkpoint_every_steps = config.log_every_steps = max(1, steps // 3)
   config.eval_batches = 2
   config.progress_bar = False
   config.optimizer.warmup_steps = min(config.optimizer.warmup_steps, 1)

@@ -14,8 +14,9 @@ A table config (`configs/tables/<name>.py`, `get_config(arg)`) holds:
                          'pydoc_topics', 'digits_vl'); optional
   data_subdir            the stages read `<data_dir>/<data_subdir>` ('' = data_dir itself)
   stages                 {name: {config: 'configs file[:args]', init_from: '' | the stage
-                         it starts from, overrides: ((dotted key, value), ...)}}; they run
-                         each after its init_from stage, otherwise by name
+                         it starts from, init_from_path (optional): a run outside the
+                         table to start from, overrides: ((dotted key, value), ...)}}; they
+                         run each after its init_from stage, otherwise by name
   rows                   [{task, metric, paper, stage, eval, keys, scale}]: a row's number is
                          `eval`'s scalar(s) `keys` (comma-separated; several are joined with
                          ' / ') at the stage's last step, times `scale`
@@ -104,6 +105,8 @@ def stage_config(table, stage: str, *, output_dir: str, data_dir: str) -> ml_col
       raise config_lib.ConfigError(f"table {table.name}: stage {stage!r} starts from unknown "
                                    f"stage {spec.init_from!r}")
     config.init_from.checkpoint = stage_dir(table, spec.init_from, output_dir)
+  elif spec.get("init_from_path"):
+    config.init_from.checkpoint = spec.init_from_path
   config_lib.validate(config)
   return config
 

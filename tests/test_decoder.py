@@ -203,7 +203,7 @@ def test_registry_param_count_and_flops(tokens):
   assert param_count(nnx.state(model)) == param_count(model)
   with pytest.raises(ValueError, match=r"'encoder'.*known models: \[.*'decoder'"):
     build_model('encoder', rngs=nnx.Rngs(0))
-  with pytest.raises(TypeError, match=r"\['n_layers'\].*num_layers"):
+  with pytest.raises(ValueError, match=r"config.model.n_layers.*Did you mean 'num_layers'"):
     build_model('decoder', rngs=nnx.Rngs(0), n_layers=2, **BASE)
   assert flops_per_token(100, num_layers=2, num_heads=4, head_dim=4, seq_len=8) == (
       600 + 12 * 2 * 4 * 4 * 8)

@@ -1,5 +1,5 @@
-"""experiments/evaluate.py: a checkpoint's eval equals the trainer's own; clear errors."""
-import importlib.util
+"""Evaluating a checkpoint (library `train.evaluate` and experiments/evaluate.py): the
+trainer's own evaluators reproduce its logged metrics; clear errors for wrong checkpoints."""
 import json
 import math
 import os
@@ -10,22 +10,14 @@ import numpy as np
 import pytest
 
 from metalm_jax.train import checkpoint as checkpoint_lib
+from metalm_jax.train import evaluate as ev
 from metalm_jax.train import metrics as metrics_lib
+from metalm_jax.train import restore
 from metalm_jax.train import trainer
 from tests.conftest import tiny_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "experiments", "evaluate.py")
-
-
-def _load_script():
-  spec = importlib.util.spec_from_file_location("evaluate_script", SCRIPT)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
-
-
-ev = _load_script()
 
 
 @pytest.fixture(scope="module")
@@ -45,36 +37,36 @@ def trained(pydoc_data_dir, tmp_path_factory):
 def test_latest_checkpoint_reproduces_the_trainers_last_eval(trained):
   workdir, config, evals = trained
   result = ev.evaluate(config, workdir, config_name="configs/decoder_lm.py:size=test")
-  assert (result["step"], result["split"]) == (4, trainer.EVAL_SPLIT)
-  np.testing.assert_allclose(result["loss"], evals[4]["loss"], rtol=1e-5)
-  np.testing.assert_allclose(result["perplexity"], math.exp(result["loss"]), rtol=1e-5)
-  assert result["tokens"] == evals[4]["tokens"] > 0
-  assert result["num_batches"] == config.eval_batches
+  loss = result["evals"]["eval"]
+  assert result["step"] == 4
+  np.testing.assert_allclose(loss["loss"], evals[4]["loss"], rtol=1e-5)
+  np.testing.assert_allclose(loss["perplexity"], math.exp(loss["loss"]), rtol=1e-5)
+  assert loss["tokens"] == evals[4]["tokens"] > 0
+  assert result["details"]["eval"]["num_batches"] == config.eval_batches
   assert result["checkpoint"] == os.path.join(workdir, "checkpoints", "4")
   assert result["config"] == "configs/decoder_lm.py:size=test"
-  path = ev.write_result(result)
-  assert path == os.path.join(workdir, "eval_validation_step4.json")
-  with open(path) as f:
-    assert json.load(f) == result
+  assert ev.default_output(result) == os.path.join(workdir, "eval_step4_eval.json")
 
 
 def test_step_folder_or_step_argument_picks_an_older_checkpoint(trained):
   workdir, config, evals = trained
   result = ev.evaluate(config, os.path.join(workdir, "checkpoints", "2"))
   assert result["step"] == 2
-  np.testing.assert_allclose(result["loss"], evals[2]["loss"], rtol=1e-5)
+  np.testing.assert_allclose(result["evals"]["eval"]["loss"], evals[2]["loss"], rtol=1e-5)
   again = ev.evaluate(config, os.path.join(workdir, "checkpoints"), step=2, num_batches=1)
-  assert (again["step"], again["num_batches"]) == (2, 1)
-  with pytest.raises(ev.CheckpointNotFoundError, match=r"step-2 folder but --step=4"):
+  assert (again["step"], again["details"]["eval"]["num_batches"]) == (2, 1)
+  with pytest.raises(restore.CheckpointNotFoundError, match=r"step-2 folder but --step=4"):
     ev.evaluate(config, os.path.join(workdir, "checkpoints", "2"), step=4)
-  with pytest.raises(ev.CheckpointNotFoundError, match=r"no checkpoint of step 3 .*\[2, 4\]"):
+  with pytest.raises(restore.CheckpointNotFoundError, match=r"no checkpoint of step 3 .*\[2, 4\]"):
     ev.evaluate(config, workdir, step=3)
+  with pytest.raises(Exception, match=r"no evaluator named \['nope'\]"):
+    ev.evaluate(config, workdir, names=("nope",))
 
 
 def test_another_model_config_is_refused_naming_the_keys(trained, pydoc_data_dir):
   workdir, _, evals = trained
   other = tiny_config(pydoc_data_dir, **{"model.d_model": 48})
-  with pytest.raises(ev.ConfigMismatchError,
+  with pytest.raises(restore.ConfigMismatchError,
                      match=r"(?s)config\.model\.d_model: checkpoint 32 vs --config 48.*"
                            r"--allow_config_mismatch"):
     ev.evaluate(other, workdir)
@@ -83,20 +75,22 @@ def test_another_model_config_is_refused_naming_the_keys(trained, pydoc_data_dir
   # Keys that only change how the model runs are not refused; dropout is off in eval.
   runtime = tiny_config(pydoc_data_dir, **{"model.dropout_rate": 0.1})
   result = ev.evaluate(runtime, workdir)
-  np.testing.assert_allclose(result["loss"], evals[4]["loss"], rtol=1e-5)
+  np.testing.assert_allclose(result["evals"]["eval"]["loss"], evals[4]["loss"], rtol=1e-5)
 
 
 def test_missing_checkpoint_is_a_clear_error(trained, tmp_path):
   _, config, _ = trained
-  with pytest.raises(ev.CheckpointNotFoundError, match=r"does not exist.*--workdir"):
+  with pytest.raises(restore.CheckpointNotFoundError, match=r"does not exist.*--workdir"):
     ev.evaluate(config, str(tmp_path / "nowhere"))
   assert not (tmp_path / "nowhere").exists()
   (tmp_path / "run" / "checkpoints").mkdir(parents=True)
-  with pytest.raises(ev.CheckpointNotFoundError, match="no finished checkpoint in .*checkpoints"):
+  with pytest.raises(restore.CheckpointNotFoundError,
+                     match="no finished checkpoint in .*checkpoints"):
     ev.evaluate(config, str(tmp_path / "run"))
   (tmp_path / "other").mkdir()
   (tmp_path / "other" / "notes.txt").write_text("")
-  with pytest.raises(ev.CheckpointNotFoundError, match=r"no checkpoint in .*contains: notes\.txt"):
+  with pytest.raises(restore.CheckpointNotFoundError,
+                     match=r"no checkpoint in .*contains: notes\.txt"):
     ev.evaluate(config, str(tmp_path / "other"))
 
 
@@ -114,7 +108,7 @@ def test_command_line_writes_the_json(trained, pydoc_data_dir, tmp_path):
     result = json.load(f)
   assert result["step"] == 4 and result["config"].endswith("decoder_lm.py:size=test")
   assert result["config_overrides"] == {"data.data_dir": pydoc_data_dir}
-  np.testing.assert_allclose(result["loss"], evals[4]["loss"], rtol=1e-5)
+  np.testing.assert_allclose(result["evals"]["eval"]["loss"], evals[4]["loss"], rtol=1e-5)
   assert "the trainer's eval at step 4" in out
 
   bad = subprocess.run(

@@ -365,27 +365,3 @@ def test_configs_and_errors():
   with pytest.raises(ValueError, match="unknown mPLUG objective"):
     obj.pretrain_loss(build(), build(), caption_batch(), obj.init_queues(8, 8, jax.random.key(0)),
                       jax.random.key(0), loss_weights={"itx": 1.0}, alpha=0.4)
-
-
-def test_trainer_points_mplug_configs_to_their_script(tmp_path):
-  from metalm_jax.train import trainer
-  config = load_mplug_config_module().get_config("size=tiny")
-  with pytest.raises(config_lib.ConfigError, match="mplug_digits.py"):
-    trainer.train_and_evaluate(config, str(tmp_path / "w"))
-
-
-@pytest.mark.slow
-def test_mplug_digits_quick(tmp_path):
-  """The whole experiment (pretrain, retrieval, captioning, VQA finetune + eval) in a few
-  steps on the real digits data."""
-  import subprocess
-  import sys
-  out = subprocess.run(
-      [sys.executable, f"{ROOT}/experiments/mplug_digits.py", "--quick",
-       f"--workdir={tmp_path}/w", f"--data_dir={tmp_path}/data"],
-      capture_output=True, text=True, timeout=1200, cwd=ROOT)
-  assert out.returncode == 0, out.stderr[-3000:]
-  import json
-  results = json.load(open(tmp_path / "w" / "results.json"))
-  assert set(results["retrieval"]["itc+itm"]["i2t"]) == {"R@1", "R@5", "R@10"}
-  assert 0.0 <= results["vqa"]["rank"]["accuracy"] <= 1.0

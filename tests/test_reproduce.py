@@ -1,15 +1,21 @@
-"""experiments/reproduce.py: every table's --tiny path end to end (slow), and its errors."""
+"""experiments/reproduce.py: tables as stages of train.py runs, resumed where a kill left them;
+every table's --tiny path end to end (slow); clear errors."""
 import json
 import os
 import pathlib
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
+from metalm_jax import tables
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "experiments", "reproduce.py")
-TABLES = ("hybrid_latency", "hybrid_frames", "mplug", "metalm_vl", "metalm_multitask")
+TRAINING_TABLES = ("mplug", "metalm_vl", "metalm_multitask", "metalm_digits", "mplug_digits")
+TABLES = TRAINING_TABLES + ("hybrid_latency", "hybrid_frames")
 # The rows the issue's tables ask for, in order.
 EXPECTED_TASKS = {
     "metalm_vl": ["VQAv2 zero-shot", "OK-VQA zero-shot", "COCO captioning zero-shot",
@@ -32,8 +38,8 @@ def test_list_and_clear_errors(tmp_path):
   for table in TABLES:
     assert table in out.stdout
   out = run("--table=nope", f"--output_dir={tmp_path}")
-  assert out.returncode != 0 and "unknown --table='nope'" in out.stderr
-  empty = f"--dataset_dir={tmp_path}/empty"
+  assert out.returncode != 0 and "--table='nope'" in out.stderr
+  empty = f"--data_dir={tmp_path}/empty"
   # Full size without the official datasets: says which, how to prepare them, and --tiny.
   out = run("--table=mplug", f"--output_dir={tmp_path}", empty)
   assert out.returncode != 0 and "--tiny" in out.stderr, out.stderr[-2000:]
@@ -43,10 +49,66 @@ def test_list_and_clear_errors(tmp_path):
   assert out.returncode != 0 and "--tiny" in out.stderr, out.stderr[-2000:]
   for name in ("coco_karpathy", "vqav2", "ok_vqa", "nlvr2"):
     assert f"prepare_data.py --dataset={name}" in out.stderr
-  assert not list(tmp_path.glob("*/results.json"))  # nothing was run
+  assert not list(tmp_path.glob("*/*/checkpoints"))  # nothing was trained
   out = run("--table=metalm_multitask", f"--output_dir={tmp_path}")
   assert out.returncode != 0 and "--pretrained=" in out.stderr
   assert "squad_v1" in out.stderr and "--tiny" in out.stderr
+
+
+@pytest.mark.parametrize("name", TRAINING_TABLES)
+def test_every_table_config_builds_its_stages(name, tmp_path):
+  """Each stage is a valid train.py config; finetunes start from an earlier stage."""
+  for arg in ("tiny=1", "tiny=1,runlocal=1"):
+    table = tables.load(name, arg)
+    order = tables.stage_order(table)
+    for stage in order:
+      config = tables.stage_config(table, stage, output_dir=str(tmp_path), data_dir="/d")
+      init = table.stages[stage].get("init_from")
+      if init:
+        assert order.index(init) < order.index(stage)
+        assert config.init_from.checkpoint == tables.stage_dir(table, init, str(tmp_path))
+    for row in table.rows:  # every row names an evaluator its stage has
+      config = tables.stage_config(table, row.stage, output_dir=str(tmp_path), data_dir="/d")
+      assert row.eval in config.evals, (name, row)
+
+
+def _train_rows(workdir: pathlib.Path) -> list[int]:
+  path = workdir / "metrics.jsonl"
+  if not path.exists():
+    return []
+  return [json.loads(line)["step"] for line in path.read_text().splitlines()
+          if '"train"' in line]
+
+
+def test_a_killed_table_run_resumes_where_it_stopped(tmp_path):
+  """The mplug table (its smoke-run stages): SIGKILL while the second stage trains, run the
+  same command again: the finished stage is not trained again, the killed stage resumes from
+  its checkpoint, and the table is written with every row measured."""
+  out_dir, data_dir = tmp_path / "out", tmp_path / "data"
+  cmd = [sys.executable, SCRIPT, "--table=mplug", "--tiny", "--runlocal",
+         f"--output_dir={out_dir}", f"--data_dir={data_dir}"]
+  caption = out_dir / "mplug" / "caption"
+  proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=ROOT)
+  start = time.time()
+  while max(_train_rows(caption) or [0]) < 4 and proc.poll() is None:  # checkpointed at 2
+    assert time.time() - start < 900, "the caption stage did not reach step 4"
+    time.sleep(0.1)
+  assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  pretrain_rows = _train_rows(out_dir / "mplug" / "pretrain")
+  killed_rows = _train_rows(caption)
+  assert pretrain_rows and pretrain_rows[-1] == 6 and killed_rows
+  again = subprocess.run(cmd, capture_output=True, text=True, timeout=1200, cwd=ROOT)
+  assert again.returncode == 0, again.stderr[-3000:]
+  assert _train_rows(out_dir / "mplug" / "pretrain") == pretrain_rows  # not trained again
+  resumed = _train_rows(caption)
+  assert resumed[:len(killed_rows)] == killed_rows and resumed[-1] == 6
+  # The killed stage continued from a checkpoint (steps 2 / 4), it did not start over at 1.
+  assert resumed[len(killed_rows)] > 2, resumed
+  rows = json.loads((out_dir / "mplug_tiny.json").read_text())
+  assert [r["task"] for r in rows] == EXPECTED_TASKS["mplug"]
+  assert all(r["ours"] is not None for r in rows), rows
 
 
 @pytest.mark.slow
@@ -55,10 +117,10 @@ def test_tiny_table_end_to_end(table, tmp_path):
   """REPRODUCE_OUTPUT_DIR=dir keeps the tables (docs/reproducing.md shows such a run)."""
   out_dir = pathlib.Path(os.environ.get("REPRODUCE_OUTPUT_DIR") or tmp_path)
   out = run(f"--table={table}", "--tiny", f"--output_dir={out_dir}",
-            f"--dataset_dir={tmp_path}/data")
+            f"--data_dir={tmp_path}/data", timeout=7200)
   assert out.returncode == 0, out.stderr[-3000:]
   text = (out_dir / f"{table}_tiny.md").read_text()
-  assert text.startswith(f"## {table} (--tiny)")
+  assert text.startswith(f"## {table} (--tiny)") or table in ("metalm_digits", "mplug_digits")
   assert "| task | metric | paper | ours | config | data | compute |" in text
   rows = json.loads((out_dir / f"{table}_tiny.json").read_text())
   assert rows and all(r["ours"] is not None for r in rows), rows  # every row was measured

@@ -191,9 +191,70 @@ def test_golden_shardings(family, rule_set):
                 "commit the reviewed golden files.", pytrace=False)
 
 
+# ------------------------------------------------------------------ extra train state
+# Families whose train state carries more than params and optimizer state: the golden lines
+# of `TrainState.extra` (mPLUG pretraining: the momentum encoders follow their params' specs,
+# the ITC queues are replicated).
+EXTRA_CASES = [("mplug", r) for r in RULE_SET_NAMES]
+
+
+def extra_spec_lines(family: str, rule_set: str) -> list[str]:
+  """Sorted 'extra/<path> shape -> PartitionSpec(...)' lines of the family's extra state."""
+  from metalm_jax import families
+
+  config = ml_collections.ConfigDict(load_config(FAMILIES[family].config,
+                                                 FAMILIES[family].arg).to_dict())
+  config.model = FAMILIES[family].model_config()
+  family_obj = families.build(config)
+  model = build_model(family)
+  tx = optimizer_lib.make_optimizer(config.optimizer, num_train_steps=100)
+  abstract, shardings = state_lib.abstract_train_state(
+      model, tx, jax.random.key(0), abstract_mesh(), sharding.RULE_SETS[rule_set],
+      init_extra=family_obj.init_extra)
+  flat = jax.tree_util.tree_flatten_with_path(abstract.extra)[0]
+  specs = jax.tree.leaves(shardings.extra, is_leaf=lambda x: isinstance(x, NamedSharding))
+  assert len(flat) == len(specs) > 0
+  return sorted(f"extra/{'/'.join(str(getattr(k, 'key', k)) for k in path)} "
+                f"{tuple(x.shape)} -> {format_spec(spec.spec)}"
+                for (path, x), spec in zip(flat, specs))
+
+
+def extra_golden_path(family: str, rule_set: str) -> str:
+  return os.path.join(GOLDEN_DIR, f"{family}_extra_{rule_set}.txt")
+
+
+@pytest.mark.parametrize("family,rule_set", EXTRA_CASES)
+def test_golden_extra_state_shardings(family, rule_set):
+  """The extra train state's shardings equal the golden file; momentum leaves have exactly
+  their parameter's spec, everything else is replicated."""
+  actual = header(family, rule_set) + extra_spec_lines(family, rule_set)
+  params = {line.split(" ")[0]: line.split(" -> ")[1] for line in spec_lines(family, rule_set)}
+  for line in actual[2:]:
+    path, spec = line.split(" ")[0], line.split(" -> ")[1]
+    if path.startswith("extra/momentum/"):
+      assert spec == params[path[len("extra/momentum/"):]], line
+    else:
+      assert spec == "PartitionSpec()", line
+  path = extra_golden_path(family, rule_set)
+  if UPDATE:
+    with open(path, "w") as f:
+      f.write("\n".join(actual) + "\n")
+    return
+  if not os.path.exists(path):
+    pytest.fail(f"no golden file {os.path.relpath(path, ROOT)}; generate it with "
+                f"`{UPDATE_COMMAND}`")
+  with open(path) as f:
+    expected = f.read().splitlines()
+  if expected != actual:
+    diff = difflib.unified_diff(expected, actual, lineterm="", fromfile="golden", tofile="now")
+    pytest.fail(f"extra-state shardings of {family} under {rule_set} changed:\n"
+                + "\n".join(list(diff)[:MAX_DIFF_LINES]), pytrace=False)
+
+
 def test_no_stale_golden_files():
   """Every golden file belongs to a (family, rule set) case: removed families leave none."""
   expected = {os.path.basename(golden_path(f, r)) for f, r in CASES}
+  expected |= {os.path.basename(extra_golden_path(f, r)) for f, r in EXTRA_CASES}
   present = set(os.listdir(GOLDEN_DIR)) if os.path.isdir(GOLDEN_DIR) else set()
   stale = sorted(present - expected)
   if UPDATE:

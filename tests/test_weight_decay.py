@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from metalm_jax import config as config_lib
+from metalm_jax.train import optimizer as optimizer_lib
 from metalm_jax.train import state as state_lib
 from metalm_jax.train import weight_decay
 from tests.test_config import load_config
@@ -96,7 +97,7 @@ def test_make_optimizer_leaves_ssm_dynamics_undecayed():
   params, _ = jax.jit(model.init)(jax.random.key(0))
   opt = ml_collections.ConfigDict(config_lib.base_config().optimizer.to_dict())
   opt.warmup_steps, opt.weight_decay, opt.learning_rate = 1, 0.5, 0.1
-  tx = state_lib.make_optimizer(opt, num_train_steps=10)
+  tx = optimizer_lib.make_optimizer(opt, num_train_steps=10)
 
   @jax.jit
   def two_steps(params):

@@ -1,16 +1,17 @@
 r"""The METALM multitask language table: SQuAD EM / F1, SuperGLUE accuracy, CNN/DM ROUGE-L.
 
   python experiments/reproduce.py --table=metalm_multitask --tiny   # generated tasks
-  python experiments/reproduce.py --table=metalm_multitask --data_dir=$DATA   # official tasks
+  python experiments/reproduce.py --table=metalm_multitask --data_dir=$DATA \
+      --pretrained=<the workdir of your configs/metalm_lm.py:size=paper run>  # official tasks
 
 Stages (experiments/train.py runs of configs/metalm_multitask.py):
-  pretrain  semi-causal LM on the bundled pydoc_topics corpus (size=paper: the paper pretrains
-            on the Pile, which is not here; point init_from at your own
-            configs/metalm_lm.py:size=paper run instead)
-  finetune  the task mixture from pretrain; each task's validation examples decoded and scored
+  pretrain  (tiny) semi-causal LM on the bundled pydoc_topics corpus
+  finetune  the task mixture from pretrain (full size: from `pretrained`, a METALM language
+            model you pretrained: the paper pretrains on the Pile, which is not here, and no
+            weights are downloaded); each task's validation examples decoded and scored
 
 Arguments: tiny=1 (CI-sized, on the generated pydoc_tasks collection), runlocal=1 (the stages'
-runlocal configs).
+runlocal configs at size=test), pretrained=<workdir> (full size: the METALM to finetune).
 """
 import ml_collections
 
@@ -24,9 +25,17 @@ GENERATED = ("squad_v1", "boolq", "cnn_dailymail")
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  args = config_lib.parse_config_args(arg, tiny="0", runlocal="0")
+  args = config_lib.parse_config_args(arg, tiny="0", runlocal="0", pretrained="")
   tiny, runlocal = args["tiny"] == "1", args["runlocal"] == "1"
-  size = "tiny" if tiny else "paper"
+  size = "test" if runlocal else "tiny" if tiny else "paper"
+  if not tiny and not runlocal and not args["pretrained"]:
+    raise ValueError(
+        "metalm_multitask at full size finetunes a METALM language model you pretrained: "
+        "pass --pretrained=<the experiments/train.py workdir of configs/metalm_lm.py:"
+        "size=paper> (the paper pretrains on the Pile, which is not here; no weights are "
+        "downloaded), with the task datasets squad_v1, superglue/{boolq,cb,rte,copa} and "
+        "cnn_dailymail prepared in --data_dir (docs/reproducing.md). --tiny runs the whole "
+        "path on generated data.")
   suffix = ",runlocal=1" if runlocal else ""
   t = ml_collections.ConfigDict()
   t.name = "metalm_multitask"
@@ -39,10 +48,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   t.bundled = ("pydoc_topics",)
   t.data_subdir = ""
   t.stages = ml_collections.ConfigDict()
-  t.stages.pretrain = dict(config=f"metalm_multitask:size={size},stage=pretrain{suffix}",
-                           init_from="", overrides=())
-  t.stages.finetune = dict(config=f"metalm_multitask:size={size}{suffix}", init_from="pretrain",
-                           overrides=())
+  if args["pretrained"]:
+    t.stages.finetune = dict(config=f"metalm_multitask:size={size}{suffix}", init_from="",
+                             init_from_path=args["pretrained"], overrides=())
+  else:
+    t.stages.pretrain = dict(config=f"metalm_multitask:size={size},stage=pretrain{suffix}",
+                             init_from="", overrides=())
+    t.stages.finetune = dict(config=f"metalm_multitask:size={size}{suffix}",
+                             init_from="pretrain", overrides=())
   t.rows = [dict(task=task, metric=NAMES[m], paper="- (in the 34-dataset mixture, see paper)",
                  stage="finetune", eval="tasks", keys=f"{task}/{m}", scale=1.0)
             for task in (GENERATED if tiny else METRICS) for m in METRICS[task]]

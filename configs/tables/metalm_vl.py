@@ -11,7 +11,7 @@ Stages (experiments/train.py runs of configs/metalm_vl.py in <output_dir>/metalm
   coco, nlvr2       answer is the target), each evaluated on its task
 
 Arguments: tiny=1 (CI-sized, on the generated digits_official collection), runlocal=1 (the
-stages' runlocal configs: the test suite's smoke run). Deviations from the paper:
+stages' runlocal configs at size=test: the test suite's smoke run). Deviations from the paper:
 docs/reproducing.md.
 """
 import ml_collections
@@ -30,7 +30,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   args = config_lib.parse_config_args(arg, tiny="0", runlocal="0")
   tiny, runlocal = args["tiny"] == "1", args["runlocal"] == "1"
   r = RUNS["tiny" if tiny else "full"]
-  base = f"metalm_vl:size={r['size']},data=official" + (",runlocal=1" if runlocal else "")
+  size = "test" if runlocal else r["size"]  # runlocal: the smallest model, a smoke run
+  base = f"metalm_vl:size={size},data=official" + (",runlocal=1" if runlocal else "")
 
   def overrides(steps: int, evals: dict) -> tuple:
     if runlocal:  # the stage config's smoke-run steps and limits

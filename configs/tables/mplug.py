@@ -12,7 +12,7 @@ Stages (each an experiments/train.py run of configs/mplug.py in <output_dir>/mpl
             validation by generation and by ranking the most frequent train answers
 
 Arguments: tiny=1 (CI-sized, on the generated digits_official collection), runlocal=1 (the
-stages' runlocal configs: the test suite's smoke run). Deviations from the paper:
+stages' runlocal configs at size=test: the test suite's smoke run). Deviations from the paper:
 docs/reproducing.md.
 """
 import ml_collections
@@ -33,7 +33,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   args = config_lib.parse_config_args(arg, tiny="0", runlocal="0")
   tiny, runlocal = args["tiny"] == "1", args["runlocal"] == "1"
   r = RUNS["tiny" if tiny else "full"]
-  base = f"mplug:size={r['size']},data=official" + (",runlocal=1" if runlocal else "")
+  size = "test" if runlocal else r["size"]  # runlocal: the smallest model, a smoke run
+  base = f"mplug:size={size},data=official" + (",runlocal=1" if runlocal else "")
 
   def overrides(steps: int, evals: dict) -> tuple:
     out = (("model.vision_encoder.image_size", r["image_size"]),)

@@ -16,7 +16,7 @@ widths (mPLUG-base by default: d_model 768, 12 heads, FFN 3072), differing only 
 Inputs: random float32 image features [B, P, D] and text features [B, T, D], all text valid.
 `fwd_ms`: jitted (image, text) -> fused (image, text); `fwdbwd_ms`: jitted gradient of the
 scalar loss mean(image'^2) + mean(text'^2) w.r.t. the parameters and both inputs. Both are
-compiled ahead of time and timed with `mfu._median_s` (one warm-up call excluded, median of
+compiled ahead of time and timed with `mfu.median_s` (one warm-up call excluded, median of
 --repeats calls, `block_until_ready`).
 
 FLOPs (`fusion_flops`): the matmul FLOPs of the forward, 2 per multiply-add, batch B, widths D
@@ -45,7 +45,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from experiments.benchmarks.mfu import _median_s
+from experiments.benchmarks.mfu import median_s
 from metalm_jax.models.decoder import param_count
 from metalm_jax.models.mplug import ASYMMETRIC, CONNECTED, SkipConnectedFusion, fusion_pattern
 
@@ -126,8 +126,8 @@ def measure(pattern: str, *, batch: int, image_tokens: int, text_tokens: int, d_
                d_model=d_model, d_ff=d_ff)
   flops = fusion_flops(pattern, **sizes)
   xla = _xla_flops(fwd)
-  fwd_s = _median_s(lambda: fwd(*args), repeats)
-  fwdbwd_s = _median_s(lambda: fwdbwd(*args), repeats)
+  fwd_s = median_s(lambda: fwd(*args), repeats)
+  fwdbwd_s = median_s(lambda: fwdbwd(*args), repeats)
   return dict(params=param_count(fusion), gflops_fwd=flops / 1e9,
               xla_gflops_fwd=None if xla is None else xla / 1e9,
               fwd_ms=1e3 * fwd_s, fwdbwd_ms=1e3 * fwdbwd_s,

@@ -125,7 +125,7 @@ def measure(*, vocab: int, d_model: int, num_layers: int, num_heads: int, seq_le
 
   peak = max(peak_before, mfu.matmul_peak(repeats=3)[0])
   mm, mm_args = mfu.matmul_only_step(mconfig, batch, seq_len)
-  mm_s = mfu._median_s(lambda: mm(*mm_args), 3)
+  mm_s = mfu.median_s(lambda: mm(*mm_args), 3)
 
   tokens = batch * seq_len
   ours_s, torch_s = statistics.median(ours), statistics.median(theirs)

@@ -159,7 +159,7 @@ def _time_steps(train_step, state, rest, data, warmup: int, steps: int):
   return times, state
 
 
-def _median_s(fn, repeats: int) -> float:
+def median_s(fn, repeats: int) -> float:
   jax.block_until_ready(fn())
   times = []
   for _ in range(repeats):
@@ -347,10 +347,10 @@ def profile_split(model, state, rest, data, compiled, mconfig, batch, seq_len, r
   params = state.params
   fwd = jax.jit(loss).lower(params).compile()
   grad = jax.jit(jax.grad(loss)).lower(params).compile()
-  fwd_s = _median_s(lambda: fwd(params), repeats)
-  grad_s = _median_s(lambda: grad(params), repeats)
+  fwd_s = median_s(lambda: fwd(params), repeats)
+  grad_s = median_s(lambda: grad(params), repeats)
   mm, args = matmul_only_step(mconfig, batch, seq_len)
-  mm_s = _median_s(lambda: mm(*args), repeats)
+  mm_s = median_s(lambda: mm(*args), repeats)
   shares, state = trace_breakdown(compiled, state, rest, data, mconfig, batch, seq_len)
   return dict(fwd_ms=1e3 * fwd_s, fwdbwd_ms=1e3 * grad_s,
               update_ms=1e3 * (step_s - grad_s), matmul_only_ms=1e3 * mm_s,

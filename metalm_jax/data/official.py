@@ -185,12 +185,12 @@ class OfficialBuilder(tfds.core.GeneratorBasedBuilder):
       manual_dir = dl_manager.manual_dir
     except AssertionError:  # TFDS: the directory does not exist or is empty.
       missing_dir = getattr(dl_manager, "_manual_dir", None)  # only to name it
-      raise ManualFilesMissingError(_missing_message(
+      raise ManualFilesMissingError(missing_message(
           type(self), missing_dir, [f.path for f in self.REQUIRED],
           note="The manual dir does not exist or is empty.")) from None
     missing = [f.path for f in self.REQUIRED if not _present(manual_dir, f.path)]
     if missing:
-      raise ManualFilesMissingError(_missing_message(type(self), manual_dir, missing))
+      raise ManualFilesMissingError(missing_message(type(self), manual_dir, missing))
     return manual_dir
 
   def _check_files(self, manual_dir: epath.Path, paths: Iterable[epath.Path], what: str):
@@ -198,7 +198,7 @@ class OfficialBuilder(tfds.core.GeneratorBasedBuilder):
     missing = [p for p in dict.fromkeys(paths) if not p.exists()]
     if missing:
       shown = [os.path.relpath(p, manual_dir) for p in missing[:5]]
-      raise ManualFilesMissingError(_missing_message(
+      raise ManualFilesMissingError(missing_message(
           type(self), manual_dir, shown,
           note=f"{len(missing)} {what} are missing (first {len(shown)} listed)."))
 
@@ -226,7 +226,9 @@ def _instructions_text(cls) -> str:
   return "\n".join(lines)
 
 
-def _missing_message(cls, manual_dir, missing: list[str], note: str = "") -> str:
+def missing_message(cls, manual_dir, missing: list[str], note: str = "") -> str:
+  """The ManualFilesMissingError text of builder class `cls`: what is missing, from where
+  to download it, and where it goes (shared by the text-task builders)."""
   lines = [f"Dataset {cls.name!r} cannot be built: files are missing from "
            f"manual_dir={os.fspath(manual_dir) if manual_dir else None!r}."]
   if note:

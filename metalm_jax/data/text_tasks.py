@@ -406,7 +406,7 @@ class CnnDailymail(TextTaskBuilder, skip_registration=True):
       if missing:
         shown = [f"cnn_dailymail/{{cnn,dailymail}}/stories/{story_filename(u)}  (for {u})"
                  for u in missing[:5]]
-        raise ManualFilesMissingError(official._missing_message(  # pylint: disable=protected-access
+        raise ManualFilesMissingError(official.missing_message(
             type(self), manual_dir, shown,
             note=f"{len(missing)} stories listed in url_lists/{name} are missing (first "
             f"{len(shown)} listed)."))
