@@ -15,7 +15,6 @@ part the model never saw in training). Attention past `blockwise_threshold` runs
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import sys
@@ -29,6 +28,7 @@ import optax
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from metalm_jax import config as config_lib  # noqa: E402
 from metalm_jax import families, objectives  # noqa: E402
 from metalm_jax.data import datasets, pipeline  # noqa: E402
 from metalm_jax.train import checkpoint as checkpoint_lib  # noqa: E402
@@ -36,12 +36,10 @@ from metalm_jax.train import state as state_lib  # noqa: E402
 from metalm_jax.train import trainer  # noqa: E402
 
 
-def load_config(arch: str, size: str, seq_len: int, steps: int, data_dir: str):
-  spec = importlib.util.spec_from_file_location("hybrid_lm",
-                                                os.path.join(ROOT, "configs", "hybrid_lm.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = ml_collections.ConfigDict(module.get_config(f"size={size},arch={arch}").to_dict())
+def load_config(arch: str, size: str, seq_len: int, steps: int, data_dir: str, mamba: int = 1):
+  module = config_lib.config_module("hybrid_lm")
+  config = ml_collections.ConfigDict(
+      module.get_config(f"size={size},arch={arch},mamba={mamba}").to_dict())
   config.data.seq_len = seq_len
   config.data.data_dir = data_dir
   config.num_train_steps = steps
@@ -126,6 +124,8 @@ def main(argv=None):
   parser.add_argument("--seq_len", type=int, default=64, help="training length L")
   parser.add_argument("--steps", type=int, default=300)
   parser.add_argument("--size", default="tiny", choices=["test", "tiny", "small"])
+  parser.add_argument("--mamba", type=int, default=1, choices=[1, 2],
+                      help="the hybrid's Mamba layers: 1 (selective scan) or 2 (SSD)")
   parser.add_argument("--multipliers", type=int, nargs="+", default=[1, 2, 4, 8, 16])
   parser.add_argument("--eval_tokens_per_batch", type=int, default=8192,
                       help="evaluation batch size = this // (n * L), at least 1")
@@ -137,7 +137,7 @@ def main(argv=None):
   data_dir = args.data_dir or datasets.default_data_dir()
   rows = []
   for arch in ("hybrid", "attention"):
-    config = load_config(arch, args.size, args.seq_len, args.steps, data_dir)
+    config = load_config(arch, args.size, args.seq_len, args.steps, data_dir, args.mamba)
     workdir = os.path.abspath(os.path.join(args.workdir, arch))
     result = trainer.train_and_evaluate(config, workdir)
     print(f"# {arch}: trained {result['step']} steps, eval loss {result['eval_loss']:.4f}",

@@ -93,8 +93,7 @@ def main(argv):
   known = tables.names() + sorted(BENCHMARKS)
   if _LIST.value:
     for name in tables.names():
-      doc = tables.load(name).title
-      print(f"{name:18s} {doc}")
+      print(f"{name:18s} {tables.summary(name)}")
     for name, doc in BENCHMARKS.items():
       print(f"{name:18s} {doc}")
     return

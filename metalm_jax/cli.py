@@ -21,26 +21,19 @@ _NOISY = ("absl", "orbax", "grain", "tensorflow_datasets", "jax._src")
 
 
 def setup_logging(verbosity: int | None = None) -> None:
-  """INFO for metalm_jax; WARNING for third-party libraries unless absl's --verbosity >= 1
-  (or `verbosity`) asks for their INFO too."""
+  """INFO for metalm_jax; WARNING for third-party libraries (orbax logs ~10 INFO lines per
+  checkpoint) unless absl's --verbosity >= 1 (or `verbosity`) asks for their INFO too."""
   if verbosity is None:
     try:
       from absl import flags
       verbosity = flags.FLAGS.verbosity if flags.FLAGS.is_parsed() else 0
     except (ImportError, AttributeError):
       verbosity = 0
-  logging.getLogger().setLevel(logging.INFO)
   third_party = logging.INFO if verbosity >= 1 else logging.WARNING
-  for name in _NOISY:
+  logging.getLogger().setLevel(logging.INFO)  # the root: our loggers inherit INFO
+  for name in _NOISY:  # absl's own logger included: orbax logs through it
     logging.getLogger(name).setLevel(third_party)
-  try:
-    from absl import logging as absl_logging
-    absl_logging.set_verbosity(absl_logging.INFO if verbosity >= 1 else absl_logging.WARNING)
-    logging.getLogger("metalm_jax").setLevel(logging.INFO)
-    # absl's handler filters by its own verbosity: let our INFO lines through.
-    logging.getLogger().setLevel(logging.INFO)
-  except ImportError:
-    pass
+  logging.getLogger("metalm_jax").setLevel(logging.INFO)
 
 
 def user_error_types() -> tuple[type[BaseException], ...]:

@@ -17,9 +17,9 @@ A table config (`configs/tables/<name>.py`, `get_config(arg)`) holds:
                          it starts from, init_from_path (optional): a run outside the
                          table to start from, overrides: ((dotted key, value), ...)}}; they
                          run each after its init_from stage, otherwise by name
-  rows                   [{task, metric, paper, stage, eval, keys, scale}]: a row's number is
-                         `eval`'s scalar(s) `keys` (comma-separated; several are joined with
-                         ' / ') at the stage's last step, times `scale`
+  rows                   [{task, metric, paper, stage, eval, scalars, scale}]: a row's number
+                         is `eval`'s scalar(s) `scalars` (comma-separated; several are joined
+                         with ' / ') at the stage's last step, times `scale`
 
 Every stage is a normal `train.trainer.train_and_evaluate` run in its own workdir
 (`<output_dir>/<table>/<stage>`); a finetuning stage starts from its `init_from` stage's
@@ -51,6 +51,12 @@ COLUMNS = ("task", "metric", "paper", "ours", "config", "data", "compute")
 def load(name: str, arg: str | None = None) -> ml_collections.ConfigDict:
   """`configs/tables/<name>.py`'s `get_config(arg)`."""
   return config_lib.config_module(f"{TABLES_DIR}/{name}").get_config(arg)
+
+
+def summary(name: str) -> str:
+  """The first line of `configs/tables/<name>.py`'s docstring."""
+  doc = config_lib.config_module(f"{TABLES_DIR}/{name}").__doc__ or ""
+  return doc.strip().splitlines()[0] if doc.strip() else name
 
 
 def names() -> list[str]:
@@ -93,7 +99,7 @@ def stage_config(table, stage: str, *, output_dir: str, data_dir: str) -> ml_col
   """The stage's training config: its config file and args, the table's overrides, the
   data directory and, for a finetuning stage, init_from = the earlier stage's workdir."""
   spec = table.stages[stage]
-  name, _, arg = spec.config.partition(":")
+  name, _, arg = spec.config.partition(":")  # 'mplug:size=tiny,stage=vqa'
   config = config_lib.config_module(name).get_config(arg or None)
   config = ml_collections.ConfigDict(config.to_dict())  # unlocked copy
   for dotted, value in spec.get("overrides", ()):
@@ -198,19 +204,19 @@ def rows(table, *, output_dir: str) -> list[dict]:
   timing = _read_json(_timing_path(table, output_dir))
   compute = (f"{sum(timing.values()):.0f} s on {_device()}" if timing else "-")
   out = []
-  for row in table.rows:
+  for row in map(ml_collections.ConfigDict, table.rows):
     spec = table.stages[row.stage]
     config = stage_config(table, row.stage, output_dir=output_dir, data_dir="")
     ev = config.evals[row.eval]
     try:
-      scalars = final_eval(table, row.stage, row.eval, output_dir)["metrics"]
+      measured = final_eval(table, row.stage, row.eval, output_dir)["metrics"]
     except KeyError:
-      scalars = None
+      measured = None
     values = None
-    if scalars is not None:
-      values = [round(row.get("scale", 1.0) * scalars[key.strip()], 1)
-                for key in row.keys.split(",")]
-    count = (scalars or {}).get("num_examples", (scalars or {}).get("num_images"))
+    if measured is not None:
+      values = [round(row.get("scale", 1.0) * measured[key.strip()], 1)
+                for key in row.scalars.split(",")]
+    count = (measured or {}).get("num_examples", (measured or {}).get("num_images"))
     data = (f"{ev.get('dataset') or config.data.dataset} "
             f"{ev.get('split') or config.data.eval_split}"
             + (f", {int(count)} examples" if count is not None else ""))

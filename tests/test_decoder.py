@@ -201,7 +201,7 @@ def test_registry_param_count_and_flops(tokens):
   per_block = 4 * d * d + 3 * d * f + 2 * d  # attention, swiglu, two rmsnorm scales
   assert param_count(model) == v * d + 2 * per_block + d + d * v
   assert param_count(nnx.state(model)) == param_count(model)
-  with pytest.raises(ValueError, match=r"'encoder'.*known models: \[.*'decoder'"):
+  with pytest.raises(ValueError, match=r"'encoder' is not a known model; known: \[.*'decoder'"):
     build_model('encoder', rngs=nnx.Rngs(0))
   with pytest.raises(ValueError, match=r"config.model.n_layers.*Did you mean 'num_layers'"):
     build_model('decoder', rngs=nnx.Rngs(0), n_layers=2, **BASE)

@@ -68,8 +68,9 @@ def test_every_table_config_builds_its_stages(name, tmp_path):
         assert order.index(init) < order.index(stage)
         assert config.init_from.checkpoint == tables.stage_dir(table, init, str(tmp_path))
     for row in table.rows:  # every row names an evaluator its stage has
-      config = tables.stage_config(table, row.stage, output_dir=str(tmp_path), data_dir="/d")
-      assert row.eval in config.evals, (name, row)
+      config = tables.stage_config(table, row["stage"], output_dir=str(tmp_path),
+                                   data_dir="/d")
+      assert row["eval"] in config.evals, (name, row)
 
 
 def _train_rows(workdir: pathlib.Path) -> list[int]:
@@ -80,6 +81,11 @@ def _train_rows(workdir: pathlib.Path) -> list[int]:
           if '"train"' in line]
 
 
+def _finished_steps(workdir: pathlib.Path) -> list[int]:
+  folder = workdir / "checkpoints"
+  return sorted(int(p.name) for p in folder.iterdir() if p.name.isdigit()) if folder.exists() else []
+
+
 def test_a_killed_table_run_resumes_where_it_stopped(tmp_path):
   """The mplug table (its smoke-run stages): SIGKILL while the second stage trains, run the
   same command again: the finished stage is not trained again, the killed stage resumes from
@@ -88,14 +94,17 @@ def test_a_killed_table_run_resumes_where_it_stopped(tmp_path):
   cmd = [sys.executable, SCRIPT, "--table=mplug", "--tiny", "--runlocal",
          f"--output_dir={out_dir}", f"--data_dir={data_dir}"]
   caption = out_dir / "mplug" / "caption"
-  proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=ROOT)
+  log = open(tmp_path / "first_run.log", "w")  # a file, not a pipe nobody reads
+  proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
   start = time.time()
-  while max(_train_rows(caption) or [0]) < 4 and proc.poll() is None:  # checkpointed at 2
-    assert time.time() - start < 900, "the caption stage did not reach step 4"
-    time.sleep(0.1)
-  assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
+  # Kill once the caption stage has a finished checkpoint (steps 2 or 4; saves are async).
+  while not _finished_steps(caption) and proc.poll() is None:
+    assert time.time() - start < 900, "the caption stage wrote no checkpoint"
+    time.sleep(0.05)
+  assert proc.poll() is None, (tmp_path / "first_run.log").read_text()[-3000:]
   proc.send_signal(signal.SIGKILL)
   proc.wait()
+  log.close()
   pretrain_rows = _train_rows(out_dir / "mplug" / "pretrain")
   killed_rows = _train_rows(caption)
   assert pretrain_rows and pretrain_rows[-1] == 6 and killed_rows
@@ -104,7 +113,8 @@ def test_a_killed_table_run_resumes_where_it_stopped(tmp_path):
   assert _train_rows(out_dir / "mplug" / "pretrain") == pretrain_rows  # not trained again
   resumed = _train_rows(caption)
   assert resumed[:len(killed_rows)] == killed_rows and resumed[-1] == 6
-  # The killed stage continued from a checkpoint (steps 2 / 4), it did not start over at 1.
+  # The killed stage continued from its checkpoint; it did not start over from the pretrained
+  # params (whose first logged step would be 2 again).
   assert resumed[len(killed_rows)] > 2, resumed
   rows = json.loads((out_dir / "mplug_tiny.json").read_text())
   assert [r["task"] for r in rows] == EXPECTED_TASKS["mplug"]

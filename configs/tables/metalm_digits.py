@@ -41,6 +41,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                                       ("4-shot", "pretrain", "vqa_fewshot"),
                                       ("finetuned", "vqa", "vqa")):
       rows.append(dict(task=f"{label} {setting}", metric="VQA accuracy (%)", paper="-",
-                       stage=f"{model}_{stage}", eval=evaluator, keys="accuracy", scale=100.0))
+                       stage=f"{model}_{stage}", eval=evaluator, scalars="accuracy", scale=100.0))
   t.rows = rows
   return t

@@ -57,6 +57,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     t.stages.finetune = dict(config=f"metalm_multitask:size={size}{suffix}",
                              init_from="pretrain", overrides=())
   t.rows = [dict(task=task, metric=NAMES[m], paper="- (in the 34-dataset mixture, see paper)",
-                 stage="finetune", eval="tasks", keys=f"{task}/{m}", scale=1.0)
+                 stage="finetune", eval="tasks", scalars=f"{task}/{m}", scale=1.0)
             for task in (GENERATED if tiny else METRICS) for m in METRICS[task]]
   return t

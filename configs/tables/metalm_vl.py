@@ -73,4 +73,4 @@ def _row(task: str, label: str, paper: str, stage: str, evaluator: str) -> dict:
   metric, key = (("CIDEr-D (x100)", "cider_d") if task == "coco" else
                  ("accuracy", "accuracy") if task == "nlvr2" else ("VQA acc", "accuracy"))
   return dict(task=f"{NAMES[task]} {label}", metric=metric, paper=paper, stage=stage,
-              eval=evaluator, keys=key, scale=100.0)
+              eval=evaluator, scalars=key, scale=100.0)

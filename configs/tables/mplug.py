@@ -63,7 +63,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                  "vqa_rank.limit": r["limit"], "vqa_rank.rank_k": r["rank_k"],
                  "vqa_rank.answer_list_size": r["answers"]}))
   row = lambda task, metric, paper, stage, ev, keys: dict(
-      task=task, metric=metric, paper=paper, stage=stage, eval=ev, keys=keys, scale=100.0)
+      task=task, metric=metric, paper=paper, stage=stage, eval=ev, scalars=keys, scale=100.0)
   recall = "R@1 / R@5 / R@10"
   t.rows = [
       row("captioning", "CIDEr-D (x100)", PAPER["captioning"], "caption", "caption", "cider_d"),

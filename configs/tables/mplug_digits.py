@@ -32,7 +32,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   t.stages.vqa = dict(config=f"mplug:stage=vqa{suffix}", init_from="pretrain", overrides=())
   t.stages.vqa_scratch = dict(config=f"mplug:stage=vqa{suffix}", init_from="", overrides=())
   row = lambda task, metric, stage, ev, keys: dict(task=task, metric=metric, paper="-",
-                                                   stage=stage, eval=ev, keys=keys, scale=100.0)
+                                                   stage=stage, eval=ev, scalars=keys, scale=100.0)
   recall = "R@1 / R@5 / R@10"
   t.rows = [
       row("image-to-text retrieval (ITC)", recall, "pretrain", "retrieval",

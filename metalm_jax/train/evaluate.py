@@ -66,7 +66,6 @@ def evaluate(config: ml_collections.ConfigDict, checkpoint: str, *, step: int | 
   rules = config.sharding_rules
   trainer.check_batch(config, mesh)
   model = state_lib.Model(config.model)
-  family.check_model(model)
 
   # The trainer's state layout, to place what is read exactly as training did.
   tx, _ = trainer.make_optimizer(config, model)
@@ -78,6 +77,7 @@ def evaluate(config: ml_collections.ConfigDict, checkpoint: str, *, step: int | 
       check_config=lambda saved, where: restore.check_config(
           saved, config, where=where, allow_mismatch=allow_config_mismatch),
       abstract_extra=abstract_state.extra, extra_shardings=state_shardings.extra)
+  family.check_model(model)  # after the checkpoint is found: reads the data's tokenizer
   rest = state_lib.init_rest(model, rng)
   logger.info("restored step %d from %s (%s parameters)", restored.step, restored.directory,
               f"{model.param_count():,}")

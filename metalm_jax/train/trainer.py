@@ -275,14 +275,19 @@ def _result(step: int, train_loss: float, evals: dict, stopped, **extra) -> dict
 
 def _finish(workdir, family, model, state, rest, rng, result) -> None:
   plot = metrics_lib.plot_loss_curve(workdir)
+  outputs = [f"checkpoints/ (step {result['step']})", "metrics.jsonl", "tensorboard/"]
+  if os.path.isdir(os.path.join(workdir, "evals")):
+    outputs.append("evals/")
   if plot:
-    logger.info("loss curve: %s", plot)
+    outputs.append(os.path.basename(plot))
   sample = family.sample(model, state.params, rest, rng)
   if sample is not None:
     result["sample"] = sample
     with open(os.path.join(workdir, "sample.txt"), "w") as f:
       f.write(sample + "\n")
+    outputs.append("sample.txt")
     logger.info("sample: %r", sample)
+  logger.info("outputs in %s: %s", os.path.abspath(workdir), ", ".join(outputs))
 
 
 def _already_complete(config, family, model, state, rest, rng, scheduled, workdir, writer,
