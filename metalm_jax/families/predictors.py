@@ -15,9 +15,11 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import jax
 import numpy as np
 
 from metalm_jax.data import image_text_pipeline, prompts, vl_sources
+from metalm_jax.data.prompts import Segment
 from metalm_jax.evaluation import harness
 from metalm_jax.inference import metalm as metalm_generation
 from metalm_jax.inference import metalm_prompts
@@ -43,19 +45,25 @@ class MetaLMVisionLanguagePredictor:
 
   def generate(self, examples: Sequence[dict], *, task: str, shots: int = 0,
                support: Sequence[dict] = (), seed: int = 0, match_question: bool = False,
-               beam_size: int = 1, length_penalty: float = 0.0, max_new_tokens: int = 0,
-               batch_size: int = 32) -> list[str]:
+               max_new_tokens: int = 0, **decoding) -> list[str]:
+    """Answers / captions of zero- or k-shot prompts built from `examples`; `decoding`:
+    beam_size, length_penalty, temperature, top_k, top_p, rng, batch_size."""
     segments = harness.build_prompts(examples, shots=shots, support=support, seed=seed,
                                      match_question=match_question)
+    return self.generate_segments(
+        segments, max_new_tokens=max_new_tokens or self.family.max_new_tokens(task), **decoding)
+
+  def generate_segments(self, prompts: Sequence[Sequence[Segment]], *, max_new_tokens: int,
+                        **decoding) -> list[str]:
+    """The text generated after each prompt of image / text segments."""
     module = self.module
     span_prompts = [metalm_prompts.vl_prompt(
         p, self.tokenizer, num_image_tokens=module.vision_encoder.num_tokens(),
         max_span_len=module.max_span_len, encode_text=self.family.encode_text,
-        preprocess=self.family.preprocess) for p in segments]
+        preprocess=self.family.preprocess) for p in prompts]
     tokens, _ = metalm_generation.generate(
-        module, span_prompts, max_new_tokens=max_new_tokens or self.family.max_new_tokens(task),
-        eos_id=self.tokenizer.eos_id, pad_id=self.tokenizer.pad_id, beam_size=beam_size,
-        length_penalty=length_penalty, batch_size=batch_size)
+        module, span_prompts, max_new_tokens=max_new_tokens, eos_id=self.tokenizer.eos_id,
+        pad_id=self.tokenizer.pad_id, **decoding)
     return [decode(self.tokenizer, row[0]) for row in tokens]
 
 
@@ -67,11 +75,11 @@ class TextTaskPredictor:
     self.family, self.tokenizer = family, family.tokenizer
     self.module = model.merge(params, rest)
 
-  def generate_text(self, texts: Sequence[str], *, references=None, beam_size: int = 1,
-                    length_penalty: float = 0.0, max_new_tokens: int = 0,
-                    batch_size: int = 32) -> list[str]:
+  def generate_text(self, texts: Sequence[str], *, references=None, max_new_tokens: int = 0,
+                    **decoding) -> list[str]:
     """The text generated after each prompt. max_new_tokens 0: the longest reference + 1
-    (EOS), at most what a training row leaves after the prompt."""
+    (EOS), at most what a training row leaves after the prompt. `decoding`: beam_size,
+    length_penalty, temperature, top_k, top_p, rng, batch_size."""
     d = self.family.config.data
     if not max_new_tokens:
       if references is None:
@@ -85,8 +93,7 @@ class TextTaskPredictor:
                     for t in texts]
     tokens, _ = metalm_generation.generate(
         self.module, span_prompts, max_new_tokens=max_new_tokens, eos_id=self.tokenizer.eos_id,
-        pad_id=self.tokenizer.pad_id, beam_size=beam_size, length_penalty=length_penalty,
-        batch_size=batch_size)
+        pad_id=self.tokenizer.pad_id, **decoding)
     return [decode(self.tokenizer, row[0]) for row in tokens]
 
 
@@ -127,9 +134,10 @@ class MPlugPredictor:
 
   def generate(self, examples: Sequence[dict], *, task: str, shots: int = 0,
                support: Sequence[dict] = (), seed: int = 0, match_question: bool = False,
-               beam_size: int = 1, length_penalty: float = 0.0, max_new_tokens: int = 0,
-               batch_size: int = 32) -> list[str]:
-    """Captions (the image and [CLS] alone) or answers (image + question)."""
+               max_new_tokens: int = 0, batch_size: int = 32, rng=None,
+               **decoding) -> list[str]:
+    """Captions (the image and [CLS] alone) or answers (image + question); `decoding`:
+    beam_size, length_penalty, temperature, top_k, top_p."""
     del support, seed, match_question
     if shots:
       raise ValueError("mPLUG has no in-context prompting: use shots=0")
@@ -140,9 +148,10 @@ class MPlugPredictor:
     for s in _batched(len(examples), batch_size):
       images, text = self._encoder_inputs(examples[s], task)
       n = len(images)
+      key = None if rng is None else jax.random.fold_in(rng, s.start)
       tokens, _ = mplug_inference.generate(
           self.module, _pad_to(images, batch_size), _pad_to(text, batch_size),
-          max_new_tokens=max_new, beam_size=beam_size, length_penalty=length_penalty)
+          max_new_tokens=max_new, rng=key, **decoding)
       out += [decode(self.tokenizer, row[0]) for row in np.asarray(tokens)[:n]]
     return out
 
