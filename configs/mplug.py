@@ -31,6 +31,8 @@ import ml_collections
 
 from metalm_jax import config as config_lib
 
+# COCO Karpathy train (image, caption) pairs: one epoch is the paper-size pretraining's ramp.
+COCO_TRAIN_PAIRS = 566_747
 SIZES = {
     # The smallest, for the test suite (one layer of each kind, fusion 'AC').
     "test": dict(image_size=8, patch_size=4, channels=1, d_model=32, heads=2, d_ff=64,
@@ -50,13 +52,14 @@ SIZES = {
                  vit=dict(d_model=768, num_layers=12), text_layers=6, fusion_layers=6,
                  stride=3, decoder_layers=12, itc_dim=256, queue=65536, vocab=30522,
                  text_len=40, batch=1024, steps=200_000, finetune_steps=8_000, lr=1e-4,
-                 warmup=1000, dropout=0.1, alpha_warmup=2_000),
+                 warmup=1000, dropout=0.1, alpha_warmup=-(-COCO_TRAIN_PAIRS // 1024)),
     # Paper large: CLIP ViT-L/14 (1024 wide, 24 layers) projected to the 768-wide BERT.
     "large": dict(image_size=224, patch_size=14, channels=3, d_model=768, heads=12, d_ff=3072,
                   vit=dict(d_model=1024, num_layers=24, num_heads=16, d_ff=4096),
                   text_layers=6, fusion_layers=6, stride=6, decoder_layers=12, itc_dim=256,
                   queue=65536, vocab=30522, text_len=40, batch=1024, steps=200_000,
-                  finetune_steps=8_000, lr=1e-4, warmup=1000, dropout=0.1, alpha_warmup=2_000),
+                  finetune_steps=8_000, lr=1e-4, warmup=1000, dropout=0.1,
+                  alpha_warmup=-(-COCO_TRAIN_PAIRS // 1024)),
 }
 STAGES = ("pretrain", "caption", "vqa")
 DATA = ("digits", "official")
@@ -113,7 +116,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.mplug = config_lib.mplug_defaults()
     config.mplug.queue_size = s["queue"]
     # ALBEF ramps alpha from 0 over the first epoch: the momentum model starts as a copy of
-    # a random init, so its soft targets mean nothing at first.
+    # a random init, so its soft targets mean nothing at first. Paper sizes: one epoch of COCO
+    # Karpathy train at batch 1024 (554 steps); tiny: no ramp (the digits runs of
+    # docs/results.md).
     config.mplug.alpha_warmup_steps = s["alpha_warmup"]
     config.data.dataset = "coco_karpathy" if official else "digits_vl"
     config.data.tasks = ("caption",)

@@ -351,6 +351,11 @@ def test_configs_and_errors():
           base.model.decoder.num_layers, base.model.text_encoder.num_layers,
           base.mplug.queue_size, base.mplug.alpha, base.mplug.momentum_decay) == (
               768, 12, 3072, 12, 6, 65536, 0.4, 0.995)
+  # The distillation weight ramps from 0 over the first epoch (COCO at batch 1024) by default
+  # at the paper's sizes; the digits runs keep it constant.
+  assert base.mplug.alpha_warmup_steps == module.get_config(
+      "size=large").mplug.alpha_warmup_steps == 554
+  assert module.get_config("size=tiny").mplug.alpha_warmup_steps == 0
   bad = ml_collections.ConfigDict(base.to_dict())
   bad.mplug.loss_weights.itcc = 1.0
   with pytest.raises(config_lib.ConfigError, match="itcc"):
