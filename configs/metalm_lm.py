@@ -17,7 +17,8 @@ Spans (objective `semi_causal_lm`): 25% of the tokens in spans of seq_len/32 .. 
 tokens (the paper's 64-128 at seq_len 2048; 4-8 for tiny), at most 8 per row; so
 model.max_span_len = seq_len // 16. The paper used DeepNorm and a pretrained 24-layer
 encoder with all but its last 2 layers frozen (`trainable_encoder_layers=2`, applied by the
-trainer through `train.optimizer.trainable_mask`); this config trains the encoder from scratch with pre-LN,
+trainer through `train.optimizer.trainable_mask`); this config trains the encoder from
+scratch with pre-LN,
 learned positions and a relative position bias, and sets trainable_encoder_layers=-1.
 The paper's data (the Pile, vocab 64k) is not available here: size=paper still names the
 bundled corpus and its SentencePiece vocabulary.

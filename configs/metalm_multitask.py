@@ -9,8 +9,9 @@ r"""METALM multitask language finetuning: the model, the task mixture and the sc
   python experiments/reproduce.py --table=metalm_multitask --tiny    # both stages + the table
 
 Arguments (comma-separated `key=value`):
-  size      tiny (default: CPU, minutes) | test (smallest, for the test suite) | paper (the paper's model shape: finetune a
-            configs/metalm_lm.py:size=paper checkpoint on the official datasets)
+  size      tiny (default: CPU, minutes) | test (smallest, for the test suite) |
+            paper (the paper's model shape: finetune a configs/metalm_lm.py:size=paper
+            checkpoint on the official datasets)
   stage     finetune (default: the task mixture, family 'text_tasks') | pretrain (semi-causal
             LM on the bundled pydoc_topics corpus, family 'lm', the same model)
   data      pydoc (default at size=tiny: SQuAD-, BoolQ- and CNN/DM-format files generated from

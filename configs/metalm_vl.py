@@ -34,7 +34,8 @@ from metalm_jax import config as config_lib
 SIZES = {
     # The smallest, for the test suite: patch 4 (4 patches + CLS), one layer each.
     "test": dict(image_size=8, patch_size=4, channels=1, official_image=(8, 4), prefix=32,
-                 seq_len=48, batch=16, steps=6, finetune_steps=6, lr=2e-3, vocab=320,
+                 seq_len=48, official_seq_len=64, batch=16, steps=6, finetune_steps=6,
+                 lr=2e-3, vocab=320,
                  official_vocab=512, dropout=0.0, warmup=1, eval_batch=16, support=200,
                  vit=dict(d_model=32, num_layers=1, num_heads=2, d_ff=64),
                  enc=dict(d_model=32, num_layers=1, num_heads=2, d_ff=64),
@@ -42,7 +43,8 @@ SIZES = {
                  connector=dict(kind="linear")),
     # digits: 8x8 grey, patch 2: 16 patches + CLS = 17 image tokens; official: 16px RGB, patch 4.
     "tiny": dict(image_size=8, patch_size=2, channels=1, official_image=(16, 4), prefix=32,
-                 seq_len=48, batch=16, steps=600, finetune_steps=250, lr=2e-3, vocab=320,
+                 seq_len=48, official_seq_len=64, batch=16, steps=600, finetune_steps=250,
+                 lr=2e-3, vocab=320,
                  official_vocab=512, dropout=0.1, warmup=20, eval_batch=32, support=1500,
                  vit=dict(d_model=64, num_layers=2, num_heads=4, d_ff=128),
                  enc=dict(d_model=64, num_layers=2, num_heads=4, d_ff=128),
@@ -52,7 +54,8 @@ SIZES = {
     # VLMo-base-sized encoder (768, 12 heads), decoder 24 x 1024 (16 heads), a 3-layer FFN
     # connector; AdamW (0.9, 0.98), lr 1e-4, wd 0.01, 2.5k warmup, batch 256, 350k steps.
     "paper": dict(image_size=224, patch_size=16, channels=3, official_image=(224, 16),
-                  prefix=64, seq_len=64, batch=256, steps=350_000, finetune_steps=20_000,
+                  prefix=64, seq_len=64, official_seq_len=64, batch=256, steps=350_000,
+                  finetune_steps=20_000,
                   lr=1e-4, vocab=16384, official_vocab=16384, dropout=0.1, warmup=2500,
                   eval_batch=32, support=2048,
                   vit=dict(d_model=768, num_layers=12, num_heads=12, d_ff=3072),
@@ -81,7 +84,8 @@ def model_config(size: str, data: str = "digits") -> dict:
   if size not in SIZES:
     raise ValueError(f"size={size!r}; valid sizes: {sorted(SIZES)}")
   s = SIZES[size]
-  image_size, patch = (s["image_size"], s["patch_size"]) if data == "digits" else s["official_image"]
+  image_size, patch = ((s["image_size"], s["patch_size"]) if data == "digits"
+                       else s["official_image"])
   channels = s["channels"] if data == "digits" else 3
   num_image_tokens = (image_size // patch) ** 2 + 1
   max_span_len = num_image_tokens + s["prefix"]
@@ -150,7 +154,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.data.max_images = 2 if data == "digits" or kind == "nlvr2" else 1
   config.data.image_preprocessing = "digits" if data == "digits" else "rgb"
   config.data.vocab_size = config.model.decoder.vocab_size
-  config.data.seq_len = s["seq_len"]
+  # Official texts (NLVR2 statements, VQA questions) take more tokens than the templates.
+  config.data.seq_len = s["seq_len"] if data == "digits" else s["official_seq_len"]
   config.batch_size = s["batch"]
   config.optimizer.learning_rate = s["lr"]
   config.optimizer.warmup_steps = s["warmup"]

@@ -9,10 +9,10 @@ r"""mPLUG (Li et al. 2022): ViT + text encoder + skip-connected fusion + seq2seq
   python experiments/reproduce.py --table=mplug_digits     # the three stages + a scratch baseline
 
 Arguments (comma-separated `key=value`):
-  size      tiny (default: 8x8 digits on a CPU) | test (smallest, for the test suite) | base (ViT-B/16 224px, d 768, 12 heads, FFN
-            3072, 6-layer text encoder, fusion F=6 S=3 'AAACAA', 12-layer decoder, queue
-            65,536) | large (ViT-L/14 1024-wide, projected to 768; fusion S=6: no connected
-            layer)
+  size      tiny (default: 8x8 digits on a CPU) | test (smallest, for the test suite) |
+            base (ViT-B/16 224px, d 768, 12 heads, FFN 3072, 6-layer text encoder, fusion
+            F=6 S=3 'AAACAA', 12-layer decoder, queue 65,536) | large (ViT-L/14 1024-wide,
+            projected to 768; fusion S=6: no connected layer)
   stage     pretrain (default: ITC + ITM + MLM + PrefixLM on image-caption pairs, with the
             momentum encoders and ITC queues in the train state; evaluated by retrieval and
             zero-shot captioning) | caption (seq2seq finetuning: image + [CLS] -> caption;

@@ -154,3 +154,19 @@ def test_mplug_finetuning_takes_one_task(family_data_dir):
                                                                                    "caption")})
   with pytest.raises(ConfigError, match=r"mPLUG finetuning takes one task"):
     families.build(config)
+
+
+@pytest.mark.parametrize("task", ["nlvr2", "vqav2", "coco"])
+def test_metalm_vl_reads_each_official_finetuning_dataset(task, tmp_path_factory):
+  """Official rows of each finetuning task (captions one per (image, caption); NLVR2 and VQA
+  one per example), RGB images at the config's size, two image slots for NLVR2."""
+  from tests import vl_test_data
+  official = vl_test_data.official_digits_dir(tmp_path_factory)
+  config = runlocal_config("metalm_vl", f"size=test,data=official,stage=finetune,task={task}",
+                           official)
+  family = families.build(config)
+  batch = next(iter(family.train_dataset(batch_size=4, process_index=0, process_count=1)))
+  size = config.model.vision_encoder.image_size
+  assert batch["images"].shape == (4, config.data.max_images, size, size, 3)
+  assert (batch["image_mask"].sum(1) == (2 if task == "nlvr2" else 1)).all()
+

@@ -18,7 +18,8 @@ import ml_collections
 
 from metalm_jax import config as config_lib
 
-PAPER = {("vqav2", "zero"): "41.1 (VQAv2, zero-shot)", ("ok_vqa", "zero"): "11.4 (OK-VQA, zero-shot)"}
+PAPER = {("vqav2", "zero"): "41.1 (VQAv2, zero-shot)",
+         ("ok_vqa", "zero"): "11.4 (OK-VQA, zero-shot)"}
 NAMES = {"vqav2": "VQAv2", "ok_vqa": "OK-VQA", "coco": "COCO captioning", "nlvr2": "NLVR2"}
 RUNS = {
     "tiny": dict(size="tiny", pretrain=300, finetune=100, shots=2, limit=64),

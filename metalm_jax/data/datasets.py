@@ -130,7 +130,8 @@ def check_prepared(names: Sequence[str], data_dir: str | None = None, *, what: s
     lines.append(
         f"First put the official files of {', '.join(manual)} under "
         f"{os.path.join(data_dir, 'downloads', 'manual')} (what to download and where: "
-        f"docs/reproducing.md, section Datasets, or official.instructions(name) / text_tasks' instructions); then")
+        f"docs/reproducing.md, section Datasets, or official.instructions(name) / "
+        "text_tasks' instructions); then")
   lines.append("prepare each once:")
   lines += [f"  {prepare_command(n, data_dir)}" for n in missing]
   raise DatasetNotPreparedError("\n".join(lines))

@@ -162,8 +162,8 @@ def eval_batches(sources: Mapping[str, object], tokenizer: tokenizers.Tokenizer,
   encode = functools.partial(encode_example, tokenizer=tokenizer, seq_len=seq_len,
                              max_span_len=max_span_len, max_input_tokens=max_input_tokens,
                              encode_input=encode_input)
-  shares = [[(i, j) for i, s in enumerate(sources.values()) for j in range(len(s))][p::process_count]
-            for p in range(process_count)]
+  everything = [(i, j) for i, s in enumerate(sources.values()) for j in range(len(s))]
+  shares = [everything[p::process_count] for p in range(process_count)]
   if num_batches is None:
     num_batches = -(-max(len(s) for s in shares) // batch_size)
   names = list(sources)

@@ -71,11 +71,14 @@ class VisionLanguageData:
 
   def source(self, split: str, *, dataset: str = "", per_caption: bool = False,
              images: bool = True):
-    """One split of `dataset` (default config.data.dataset) as digits-style examples."""
+    """One split of `dataset` (default config.data.dataset) as digits-style examples;
+    `per_caption`: one example per (image, caption) where the dataset has captions."""
     dataset = dataset or self.config.data.dataset
-    official = vl_sources.base_name(dataset) != DIGITS
+    base = vl_sources.base_name(dataset)
+    official = base != DIGITS
     return vl_sources.vl_source(
-        dataset, split, self.data_dir, images=images, per_caption=per_caption and official,
+        dataset, split, self.data_dir, images=images,
+        per_caption=per_caption and base in vl_sources.CAPTION_DATASETS,
         image_size=self.vision["image_size"] if official and images else None)
 
   def preprocess(self, image) -> np.ndarray:
