@@ -322,8 +322,10 @@ def test_pydoc_files_build_with_the_counts_returned(pydoc_tasks):
     built[task] = {s: info.splits[s].num_examples for s in sorted(info.splits)}
   assert built == counts
   assert counts["boolq"]["train"] == text_tasks.PYDOC_TRAIN_PASSAGES
-  assert counts["squad_v1"]["train"] == 2 * counts["boolq"]["train"]
-  assert counts["squad_v1"]["validation"] == 2 * counts["boolq"]["validation"]
+  # Two questions per passage, less those whose answer would be an article (SQuAD's
+  # normalisation erases it).
+  for split in ("train", "validation"):
+    assert 1.5 * counts["boolq"][split] < counts["squad_v1"][split] < 2 * counts["boolq"][split]
   assert (counts["cnn_dailymail"]["train"], counts["cnn_dailymail"]["validation"],
           counts["cnn_dailymail"]["test"]) == (counts["boolq"]["train"],
                                                 counts["boolq"]["validation"],
@@ -342,8 +344,10 @@ def test_pydoc_squad_answers_are_spans_at_answer_start(pydoc_tasks):
       for paragraph in article["paragraphs"]:
         context = paragraph["context"]
         assert 16 <= len(context.split()) <= 40
-        words = re.findall(r"\w+", context)
-        for qa, expected in zip(paragraph["qas"], (words[0], words[-1])):
+        words = [w for w in (re.findall(r"\w+", context)[0], re.findall(r"\w+", context)[-1])
+                 if w.lower() not in ("a", "an", "the")]  # article answers are not asked
+        assert len(paragraph["qas"]) == len(words)
+        for qa, expected in zip(paragraph["qas"], words):
           assert len(qa["answers"]) == (3 if split == "validation" else 1)
           for a in qa["answers"]:
             start = a["answer_start"]
@@ -352,9 +356,10 @@ def test_pydoc_squad_answers_are_spans_at_answer_start(pydoc_tasks):
     assert n == len(datasets.data_source("squad_v1", split, data_dir))
   first = datasets.data_source("squad_v1", "validation", data_dir)[0]
   context = first["inputs"].decode().split(" context: ", 1)[1]
-  assert first["inputs"].decode().startswith(
-      "question: what is the first word of the passage? context: ")
-  assert first["targets"].decode() == re.findall(r"\w+", context)[0]
+  assert re.match(r"question: what is the (first|last) word of the passage\? context: ",
+                  first["inputs"].decode())
+  assert first["targets"].decode() in re.findall(r"\w+", context)
+  assert first["targets"].decode().lower() not in ("a", "an", "the")
 
 
 def test_pydoc_boolq_is_balanced_and_answerable_from_the_passage(pydoc_tasks):
@@ -422,7 +427,9 @@ def test_pydoc_files_are_deterministic_and_guard_real_data(pydoc_tasks, tmp_path
   first, second = tree(manual), tree(str(tmp_path / "again"))
   assert sorted(first) == sorted(second) and first == second
   other = text_tasks.write_pydoc_task_files(str(tmp_path / "seed1"), seed=1)
-  assert other == counts
+  # Other train passages: the same counts but SQuAD's (its article answers are not asked).
+  assert {k: v for k, v in other.items() if k != "squad_v1"} == {
+      k: v for k, v in counts.items() if k != "squad_v1"}
   assert tree(str(tmp_path / "seed1"))["superglue/BoolQ/train.jsonl"] != first[
       "superglue/BoolQ/train.jsonl"]
   # Rewriting its own dir is fine; a dir with real data is left alone.
