@@ -31,6 +31,7 @@ _DATA_DIR = flags.DEFINE_string("data_dir", None, "Data directory (default: $MET
                                 "else ~/.cache/metalm_jax/data).")
 _STAGES = flags.DEFINE_list("stages", None, "Run only these stages (default: all).")
 _LIST = flags.DEFINE_bool("list", False, "List the tables and exit.")
+_SEED = flags.DEFINE_integer("seed", None, "The digits tables: every stage's config.seed.")
 _PRETRAINED = flags.DEFINE_string("pretrained", None, "metalm_multitask at full size: the "
                                   "experiments/train.py workdir of the METALM to finetune.")
 
@@ -108,6 +109,8 @@ def main(argv):
       arg = f"tiny={int(_TINY.value)},runlocal={int(_RUNLOCAL.value)}"
       if _PRETRAINED.value:
         arg += f",pretrained={_PRETRAINED.value}"
+      if _SEED.value is not None:
+        arg += f",seed={_SEED.value}"
       try:
         spec = tables.load(_TABLE.value, arg)
       except ValueError as e:  # a table argument that does not fit (says what to pass)

@@ -11,7 +11,7 @@ Stages (experiments/train.py runs of configs/metalm_vl.py size=tiny, the same mo
 Every pretraining stage is evaluated zero-shot and 4-shot (demonstrations with the query's
 question, each its own span) on the test split's VQA questions; every finetune on the same.
 
-Arguments: runlocal=1 (the stages' smoke-run configs).
+Arguments: runlocal=1 (the stages' smoke-run configs), seed=N (every stage's config.seed).
 """
 import ml_collections
 
@@ -21,12 +21,13 @@ MODELS = {"metalm": "METALM (semi-causal)", "causal": "causal-only baseline"}
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  args = config_lib.parse_config_args(arg, tiny="0", runlocal="0")
+  args = config_lib.parse_config_args(arg, tiny="0", runlocal="0", seed="0")
   suffix = ",runlocal=1" if args["runlocal"] == "1" else ""
+  seed = (("seed", int(args["seed"])),)  # the initialisation, data order and dropout seed
   t = ml_collections.ConfigDict()
   t.name = "metalm_digits"
   t.title = "METALM vs causal-only baseline on digits_vl (test split VQA)"
-  t.note = "configs/metalm_vl.py size=tiny, one seed; accuracy in %"
+  t.note = f"configs/metalm_vl.py size=tiny, seed {args['seed']}; accuracy in %"
   t.generated = ""
   t.bundled = ("digits_vl",)
   t.data_subdir = ""
@@ -34,9 +35,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   rows = []
   for model, label in MODELS.items():
     t.stages[f"{model}_pretrain"] = dict(config=f"metalm_vl:model={model}{suffix}", init_from="",
-                                         overrides=())
+                                         overrides=seed)
     t.stages[f"{model}_vqa"] = dict(config=f"metalm_vl:model={model},stage=finetune{suffix}",
-                                    init_from=f"{model}_pretrain", overrides=())
+                                    init_from=f"{model}_pretrain", overrides=seed)
     for setting, stage, evaluator in (("zero-shot", "pretrain", "vqa"),
                                       ("4-shot", "pretrain", "vqa_fewshot"),
                                       ("finetuned", "vqa", "vqa")):

@@ -10,7 +10,7 @@ Stages (experiments/train.py runs of configs/mplug.py size=tiny):
   vqa          VQA finetuning from pretrain; generation and answer-list ranking
   vqa_scratch  the same finetuning from random initialisation: what pretraining buys
 
-Arguments: runlocal=1 (the stages' smoke-run configs).
+Arguments: runlocal=1 (the stages' smoke-run configs), seed=N (every stage's config.seed).
 """
 import ml_collections
 
@@ -18,19 +18,20 @@ from metalm_jax import config as config_lib
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  args = config_lib.parse_config_args(arg, tiny="0", runlocal="0")
+  args = config_lib.parse_config_args(arg, tiny="0", runlocal="0", seed="0")
   suffix = ",runlocal=1" if args["runlocal"] == "1" else ""
+  seed = (("seed", int(args["seed"])),)  # the initialisation, data order and dropout seed
   t = ml_collections.ConfigDict()
   t.name = "mplug_digits"
   t.title = "mPLUG on digits_vl (test split)"
-  t.note = "configs/mplug.py size=tiny, one seed; in %"
+  t.note = f"configs/mplug.py size=tiny, seed {args['seed']}; in %"
   t.generated = ""
   t.bundled = ("digits_vl",)
   t.data_subdir = ""
   t.stages = ml_collections.ConfigDict()
-  t.stages.pretrain = dict(config=f"mplug:stage=pretrain{suffix}", init_from="", overrides=())
-  t.stages.vqa = dict(config=f"mplug:stage=vqa{suffix}", init_from="pretrain", overrides=())
-  t.stages.vqa_scratch = dict(config=f"mplug:stage=vqa{suffix}", init_from="", overrides=())
+  t.stages.pretrain = dict(config=f"mplug:stage=pretrain{suffix}", init_from="", overrides=seed)
+  t.stages.vqa = dict(config=f"mplug:stage=vqa{suffix}", init_from="pretrain", overrides=seed)
+  t.stages.vqa_scratch = dict(config=f"mplug:stage=vqa{suffix}", init_from="", overrides=seed)
   row = lambda task, metric, stage, ev, keys: dict(task=task, metric=metric, paper="-",
                                                    stage=stage, eval=ev, scalars=keys, scale=100.0)
   recall = "R@1 / R@5 / R@10"
