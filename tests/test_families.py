@@ -170,3 +170,6 @@ def test_metalm_vl_reads_each_official_finetuning_dataset(task, tmp_path_factory
   assert batch["images"].shape == (4, config.data.max_images, size, size, 3)
   assert (batch["image_mask"].sum(1) == (2 if task == "nlvr2" else 1)).all()
 
+  if task == "nlvr2":  # generation leaves room for the longer label word and EOS
+    words = [len(family.tokenizer.encode(" " + w)) for w in ("true", "false")]
+    assert family.max_new_tokens("nlvr2") == max(words) + 1

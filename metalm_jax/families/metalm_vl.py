@@ -16,7 +16,7 @@ import numpy as np
 
 from metalm_jax import objectives
 from metalm_jax.config import ConfigError
-from metalm_jax.data import prompts, vl_pipeline
+from metalm_jax.data import prompts, vl_pipeline, vl_sources
 from metalm_jax.families import base, vl_common
 from metalm_jax.families.lm import check_vocab
 
@@ -24,7 +24,7 @@ from metalm_jax.families.lm import check_vocab
 ENCODE_TEXT = {"semi_causal_vl": True, "semi_causal_vl_finetune": True, "causal_vl": False,
                "causal_vl_finetune": False}
 # Greedy answer caps (tokens incl. EOS) on official data, per task.
-MAX_NEW_TOKENS = {"vqa": 12, "caption": 32, "nlvr2": 4}
+MAX_NEW_TOKENS = {"vqa": 12, "caption": 32}
 
 
 class MetaLMVisionLanguage(vl_common.VisionLanguageData, base.Family):
@@ -111,6 +111,9 @@ class MetaLMVisionLanguage(vl_common.VisionLanguageData, base.Family):
   # ---------------------------------------------------------------- prediction
   def max_new_tokens(self, task: str) -> int:
     """Answer tokens (with EOS) generation allows for `task`."""
+    if self.official and task == "nlvr2":  # the label words, however the tokenizer splits them
+      return max(len(self.tokenizer.encode(prompts.target_text({"answer": w})))
+                 for w in vl_sources.NLVR2_ANSWERS) + 1
     if self.official:
       return MAX_NEW_TOKENS[task]
     return max(len(self.tokenizer.encode(prompts.target_text(ex)))
