@@ -153,6 +153,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # digits rows keep 2 image slots (NLVR2 pairs), as the digits pipeline always did.
   config.data.max_images = 2 if data == "digits" or kind == "nlvr2" else 1
   config.data.image_preprocessing = "digits" if data == "digits" else "rgb"
+  # Paper size on official data decodes and resizes 256 JPEGs a step: grain worker processes.
+  config.data.worker_count = 8 if size == "paper" and data == "official" else 0
   config.data.vocab_size = config.model.decoder.vocab_size
   # Official texts (NLVR2 statements, VQA questions) take more tokens than the templates.
   config.data.seq_len = s["seq_len"] if data == "digits" else s["official_seq_len"]

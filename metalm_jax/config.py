@@ -136,7 +136,8 @@ def config_module(name: str):
 
 def mplug_defaults() -> ml_collections.ConfigDict:
   """`config.mplug`: the mPLUG pretraining objective's settings (configs/mplug.py; read by
-  experiments/mplug_digits.py). Only configs whose model is 'mplug' may have this section."""
+  the mplug family, metalm_jax/families/mplug.py). Only configs whose model is 'mplug' may
+  have this section."""
   c = ml_collections.ConfigDict()
   # Weight of each loss in the sum; 0 switches an objective off (it is not computed).
   c.loss_weights = ml_collections.ConfigDict({"itc": 1.0, "itm": 1.0, "mlm": 1.0,
@@ -163,6 +164,20 @@ def parse_config_args(arg: str | None, **defaults: str) -> dict[str, str]:
       raise ValueError(f"unknown config argument {key!r}; valid: {sorted(defaults)}")
     out[key] = value
   return out
+
+
+def set_dotted(config: ml_collections.ConfigDict, dotted: str, value) -> None:
+  """config['a']['b']['c'] = value for dotted 'a.b.c'; a ConfigError when a key is unknown
+  (an override that names no config key would otherwise do nothing)."""
+  *parents, leaf = dotted.split(".")
+  node = config
+  for key in parents:
+    if key not in node:
+      raise ConfigError(f"override {dotted!r} names no config key ({key!r})")
+    node = node[key]
+  if leaf not in node:
+    raise ConfigError(f"override {dotted!r} names no config key ({leaf!r})")
+  node[leaf] = value
 
 
 def set_schedule(config: ml_collections.ConfigDict, *, seq_len: int, batch: int, steps: int,

@@ -83,18 +83,6 @@ def stage_dir(table, stage: str, output_dir: str) -> str:
   return os.path.join(output_dir, table.name, stage)
 
 
-def _set(config, dotted: str, value) -> None:
-  *parents, leaf = dotted.split(".")
-  node = config
-  for key in parents:
-    if key not in node:
-      raise config_lib.ConfigError(f"override {dotted!r} names no config key ({key!r})")
-    node = node[key]
-  if leaf not in node:
-    raise config_lib.ConfigError(f"override {dotted!r} names no config key ({leaf!r})")
-  node[leaf] = value
-
-
 def stage_config(table, stage: str, *, output_dir: str, data_dir: str) -> ml_collections.ConfigDict:
   """The stage's training config: its config file and args, the table's overrides, the
   data directory and, for a finetuning stage, init_from = the earlier stage's workdir."""
@@ -103,7 +91,7 @@ def stage_config(table, stage: str, *, output_dir: str, data_dir: str) -> ml_col
   config = config_lib.config_module(name).get_config(arg or None)
   config = ml_collections.ConfigDict(config.to_dict())  # unlocked copy
   for dotted, value in spec.get("overrides", ()):
-    _set(config, dotted, value)
+    config_lib.set_dotted(config, dotted, value)
   config.data.data_dir = (os.path.join(data_dir, table.data_subdir) if table.data_subdir
                           else data_dir)
   if spec.get("init_from"):
@@ -150,7 +138,9 @@ def _read_json(path: str) -> dict:
 def run(table, *, output_dir: str, data_dir: str | None = None,
         stages: tuple[str, ...] | None = None) -> dict[str, dict]:
   """Runs (or resumes) the table's stages in order; returns {stage: train_and_evaluate's
-  result}. Wall time per stage is accumulated in `<output_dir>/<table>/timing.json`."""
+  result}. Wall time per stage (training and its evaluations; a killed run's part is lost, a
+  finished stage's re-run final evaluation not added) accumulates in
+  `<output_dir>/<table>/timing.json`."""
   data_dir = data_dir or datasets.default_data_dir()
   if table.generated:
     generated.prepare(table.generated, data_dir)
@@ -172,6 +162,8 @@ def run(table, *, output_dir: str, data_dir: str | None = None,
       logger.info("table %s: stage %s stopped (%s); run the same command again to resume",
                   table.name, stage, results[stage]["stopped"])
       break
+    if results[stage].get("already_complete"):
+      continue  # only its final evaluation ran again: no training compute to add
     timing[stage] = timing.get(stage, 0.0) + (time.time() - start)
     os.makedirs(os.path.dirname(_timing_path(table, output_dir)), exist_ok=True)
     with open(_timing_path(table, output_dir), "w") as f:
@@ -211,12 +203,13 @@ def rows(table, *, output_dir: str) -> list[dict]:
     try:
       measured = final_eval(table, row.stage, row.eval, output_dir)["metrics"]
     except KeyError:
-      measured = None
-    values = None
-    if measured is not None:
-      values = [round(row.get("scale", 1.0) * measured[key.strip()], 1)
-                for key in row.scalars.split(",")]
-    count = (measured or {}).get("num_examples", (measured or {}).get("num_images"))
+      measured = {}
+    keys = [key.strip() for key in row.scalars.split(",")]
+    values = ([round(row.get("scale", 1.0) * measured[key], 1) for key in keys]
+              if measured else None)
+    task = keys[0].rpartition("/")[0]  # '<task>/<metric>' scalars: count that task's examples
+    counts = ([f"{task}/num_examples"] if task else []) + ["num_examples", "num_images"]
+    count = next((measured[k] for k in counts if k in measured), None)
     data = (f"{ev.get('dataset') or config.data.dataset} "
             f"{ev.get('split') or config.data.eval_split}"
             + (f", {int(count)} examples" if count is not None else ""))

@@ -46,6 +46,7 @@ def pydoc_data_dir(tmp_path_factory):
 def tiny_config(data_dir, **overrides):
   """configs/decoder_lm.py:size=test on `data_dir`, 6 steps; overrides as {'a.b': value}."""
   import ml_collections
+  from metalm_jax import config as config_lib
   from tests.test_config import load_config
 
   config = ml_collections.ConfigDict(load_config("decoder_lm", "size=test").to_dict())
@@ -56,11 +57,7 @@ def tiny_config(data_dir, **overrides):
   config.log_every_steps = 1
   config.sample.max_new_tokens = 4
   for key, value in overrides.items():
-    node = config
-    *parents, leaf = key.split(".")
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
+    config_lib.set_dotted(config, key, value)
   return config
 
 
@@ -101,9 +98,5 @@ def runlocal_config(name: str, arg: str, data_dir: str, **overrides):
   config = ml_collections.ConfigDict(config_lib.config_module(name).get_config(arg).to_dict())
   config.data.data_dir = data_dir
   for key, value in overrides.items():
-    node = config
-    *parents, leaf = key.split(".")
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
+    config_lib.set_dotted(config, key, value)
   return config

@@ -77,3 +77,12 @@ def test_sequence_longer_than_model_is_an_error():
   config.data.seq_len = 4096
   with pytest.raises(config_lib.ConfigError, match="exceeds config.model.max_len"):
     config_lib.validate(config)
+
+
+@pytest.mark.parametrize("name,arg,workers", [
+    ("metalm_vl", "size=paper,data=official", True), ("mplug", "size=base,data=official", True),
+    ("mplug", "size=large,data=official,stage=vqa", True),
+    ("metalm_vl", "size=tiny,data=official", False), ("mplug", "size=base", False)])
+def test_paper_sizes_on_official_images_decode_in_worker_processes(name, arg, workers):
+  """A paper-size step decodes and resizes hundreds of JPEGs: not in the training process."""
+  assert (load_config(name, arg).data.worker_count > 0) == workers

@@ -17,6 +17,7 @@ from metalm_jax.data import datasets
 from metalm_jax.data import pipeline
 from metalm_jax.data import pydoc_corpus
 from metalm_jax.data import tokenizers
+from tests import grain_workers
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SEQ_LEN, BATCH = 37, 5
@@ -336,32 +337,9 @@ def test_make_global_batch_on_8_devices(devices8, train_source):
 @pytest.mark.slow
 def test_worker_processes_resume_exactly(data_dir, tmp_path):
   """grain workers need absl flags parsed and an importable builder: run as a script."""
-  script = tmp_path / "workers.py"
-  script.write_text(f"""
-from absl import app
-import numpy as np
-from metalm_jax.data import datasets, pipeline, tokenizers
-
-def main(_):
-  source = datasets.data_source("pydoc_topics", "train", {data_dir!r})
-  tok = tokenizers.get_tokenizer("sentencepiece", data_dir={data_dir!r}, vocab_size={SP_VOCAB})
-  ds = pipeline.lm_dataset(source, tok, seq_len=16, batch_size=4, seed=1, worker_count=2)
-  it = iter(ds)
-  for _ in range(5):
-    next(it)
-  state = it.get_state()
-  expected = [next(it) for _ in range(3)]
-  it.close()
-  resumed = iter(ds)
-  resumed.set_state(state)
-  got = [next(resumed) for _ in range(3)]
-  resumed.close()
-  assert all(np.array_equal(a[k], b[k]) for a, b in zip(got, expected) for k in a)
-  print("OK")
-
-if __name__ == "__main__":
-  app.run(main)
-""")
-  out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
-                       check=True, timeout=300)
-  assert "OK" in out.stdout
+  grain_workers.assert_workers_resume(
+      tmp_path, "from metalm_jax.data import datasets, pipeline, tokenizers",
+      f"""pipeline.lm_dataset(
+      datasets.data_source("pydoc_topics", "train", {data_dir!r}),
+      tokenizers.get_tokenizer("sentencepiece", data_dir={data_dir!r}, vocab_size={SP_VOCAB}),
+      seq_len=16, batch_size=4, seed=1, worker_count=2)""", skip=5, take=3)

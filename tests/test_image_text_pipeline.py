@@ -2,8 +2,6 @@
 exact resume, process sharding, padded evaluation; on digits_vl and on the digits written as
 official COCO / VQAv2 files."""
 import collections
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -14,6 +12,7 @@ from metalm_jax.data import image_text_pipeline as itp
 from metalm_jax.data import images
 from metalm_jax.data import tokenizers
 from metalm_jax.data import vl_sources
+from tests import grain_workers
 from tests import vl_test_data
 
 TOK = tokenizers.ByteTokenizer()
@@ -226,33 +225,9 @@ def test_bad_arguments_are_clear_errors(official_dir):
 @pytest.mark.slow
 def test_worker_processes_resume_exactly(official_dir, tmp_path):
   """grain workers need absl flags parsed and importable code: run as a script."""
-  script = tmp_path / "workers.py"
-  script.write_text(f"""
-from absl import app
-import numpy as np
-from metalm_jax.data import image_text_pipeline, tokenizers, vl_sources
-
-def main(_):
-  source = vl_sources.vl_source("vqav2", "train", {official_dir!r}, image_size=8)
-  ds = image_text_pipeline.image_text_dataset(
-      source, tokenizers.ByteTokenizer(), task="vqa", text_len=16, answer_len=8,
-      batch_size=4, seed=1, image_size=8, channels=3, image_kind="clip", worker_count=2)
-  it = iter(ds)
-  for _ in range(3):
-    next(it)
-  state = it.get_state()
-  expected = [next(it) for _ in range(4)]
-  it.close()
-  resumed = iter(ds)
-  resumed.set_state(state)
-  got = [next(resumed) for _ in range(4)]
-  resumed.close()
-  assert all(np.array_equal(a[k], b[k]) for a, b in zip(got, expected) for k in a)
-  print("OK")
-
-if __name__ == "__main__":
-  app.run(main)
-""")
-  out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
-                       check=True, timeout=300)
-  assert "OK" in out.stdout
+  grain_workers.assert_workers_resume(
+      tmp_path, "from metalm_jax.data import image_text_pipeline, tokenizers, vl_sources",
+      f"""image_text_pipeline.image_text_dataset(
+      vl_sources.vl_source("vqav2", "train", {official_dir!r}, image_size=8),
+      tokenizers.ByteTokenizer(), task="vqa", text_len=16, answer_len=8, batch_size=4, seed=1,
+      image_size=8, channels=3, image_kind="clip", worker_count=2)""", skip=3, take=4)

@@ -236,11 +236,7 @@ def pretrain_config(**overrides):
   config.batch_size = 8
   config.optimizer.warmup_steps = 1
   for key, value in overrides.items():
-    node = config
-    *parents, leaf = key.split(".")
-    for part in parents:
-      node = node[part]
-    node[leaf] = value
+    config_lib.set_dotted(config, key, value)
   return config
 
 

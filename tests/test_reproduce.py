@@ -108,9 +108,13 @@ def test_a_killed_table_run_resumes_where_it_stopped(tmp_path):
   pretrain_rows = _train_rows(out_dir / "mplug" / "pretrain")
   killed_rows = _train_rows(caption)
   assert pretrain_rows and pretrain_rows[-1] == 6 and killed_rows
+  timing = json.loads((out_dir / "mplug" / "timing.json").read_text())
   again = subprocess.run(cmd, capture_output=True, text=True, timeout=1200, cwd=ROOT)
   assert again.returncode == 0, again.stderr[-3000:]
   assert _train_rows(out_dir / "mplug" / "pretrain") == pretrain_rows  # not trained again
+  # ... and its compute is not counted again (only its final evaluation re-ran).
+  again_timing = json.loads((out_dir / "mplug" / "timing.json").read_text())
+  assert again_timing["pretrain"] == timing["pretrain"] and "caption" in again_timing
   resumed = _train_rows(caption)
   assert resumed[:len(killed_rows)] == killed_rows and resumed[-1] == 6
   # The killed stage continued from its checkpoint; it did not start over from the pretrained

@@ -3,9 +3,9 @@
 `write_official_files(manual_dir)` turns scikit-learn's 1,797 real handwritten digits (the
 data behind `digits_vl`, `metalm_jax/data/digits.py`) into files in the official formats and
 layout that `metalm_jax/data/official.py` reads from a manual dir, so that
-`datasets.prepare("vqav2", data_dir, manual_dir=manual_dir)` and the official-data
-experiments (`experiments/metalm_vl_official.py`, `experiments/mplug_official.py`) run on
-them with exactly the code they run on the real downloads. This is what
+`datasets.prepare("vqav2", data_dir, manual_dir=manual_dir)` and the official-data configs
+(`configs/metalm_vl.py` / `configs/mplug.py` with `data=official`) run on them with exactly
+the code they run on the real downloads. This is what
 `experiments/reproduce.py --table=metalm_vl|mplug --tiny` trains and evaluates on: the
 paper tables' whole path, minutes on a CPU.
 

@@ -232,7 +232,7 @@ class Retrieval(Evaluator):
 class TextTasks(Evaluator):
   """Per task of the text-task mixture, generated answers scored by the task's metric:
   SQuAD exact match / F1 (the official v1.1 rules), accuracy (the label word after SQuAD
-  normalisation), ROUGE-L F1. Scalars are '<task>/<metric>' in %.
+  normalisation), ROUGE-L F1. Scalars are '<task>/<metric>' in %, and '<task>/num_examples'.
 
   Options: tasks (default config.data.tasks), split, limit (per task), beam_size,
   length_penalty, max_new_tokens (0: the longest reference + 1), batch_size.
@@ -262,6 +262,7 @@ class TextTasks(Evaluator):
       references = [[prompts.as_text(r) for r in ex["references"]] for ex in examples]
       scores = score_text_task(family.metric(task), predictions, references)
       out.update({f"{task}/{k}": v for k, v in scores.items()})
+      out[f"{task}/num_examples"] = len(examples)
       details[task] = {"num_examples": len(examples), "seconds": round(time.time() - start, 1),
                        "samples": [{"prediction": p, "references": r[:3]}
                                    for p, r in zip(predictions[:SAMPLES], references)]}
