@@ -26,7 +26,6 @@ import re
 from typing import Any
 
 import jax
-import orbax.checkpoint as ocp
 
 from metalm_jax import config as config_lib
 from metalm_jax.train import checkpoint as checkpoint_lib
@@ -146,15 +145,8 @@ def load(init_config, abstract_params, param_shardings) -> tuple[dict, dict]:
       return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=shardings[wanted[src]])
 
     item = _prune(jax.tree_util.tree_map_with_path(target, saved))
-    try:
-      restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
-          item={"params": item},
-          restore_args=ocp.checkpoint_utils.construct_restore_args({"params": item}),
-          partial_restore=True)))["state"]["params"]
-    except Exception as e:  # noqa: BLE001 - name the checkpoint and the way out
-      raise checkpoint_lib.CheckpointCorruptError(
-          f"config.init_from: reading the params of {where} failed: {type(e).__name__}: "
-          f"{str(e)[:500]}") from e
+    restored = restore.read_state_items(manager, step, {"params": item}, where=where,
+                                        what="config.init_from's params")["params"]
   finally:
     manager.close()
   loaded = {wanted[k]: v.astype(targets[wanted[k]].dtype) if v.dtype != targets[wanted[k]].dtype

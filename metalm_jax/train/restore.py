@@ -238,6 +238,25 @@ class Restored:
   extra: Any = None
 
 
+def read_state_items(manager: ocp.CheckpointManager, step: int, item: dict, *, where: str,
+                     what: str = "the parameters") -> dict:
+  """Reads the sub-trees `item` (shape/dtype/sharding leaves) of a checkpoint's state.
+
+  Only what `item` names is read (a partial restore); anything else saved is left on disk.
+
+  Raises:
+    checkpoint.CheckpointCorruptError: the read failed; names `where` and the saved steps.
+  """
+  try:
+    return manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+        item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
+        partial_restore=True)))["state"]
+  except Exception as e:  # noqa: BLE001 - name the checkpoint and the way out
+    raise checkpoint_lib.CheckpointCorruptError(
+        f"reading {what} of {where} failed: {type(e).__name__}: {str(e)[:500]}\n"
+        f"Pick another step (steps: {sorted(manager.all_steps())}).") from e
+
+
 def restore_params(checkpoint: str, model, mesh, rules, *, step: int | None = None,
                    check_config=None, abstract_extra=None, extra_shardings=None) -> Restored:
   """The parameters of a train.py checkpoint, placed on `mesh` by `rules`.
@@ -272,14 +291,7 @@ def restore_params(checkpoint: str, model, mesh, rules, *, step: int | None = No
     item = {"params": jax.tree.map(place, model.abstract_params, param_shardings)}
     if abstract_extra is not None:
       item["extra"] = jax.tree.map(place, abstract_extra, extra_shardings)
-    try:
-      state = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
-          item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
-          partial_restore=True)))["state"]
-    except Exception as e:  # noqa: BLE001 - name the checkpoint and the way out
-      raise checkpoint_lib.CheckpointCorruptError(
-          f"reading the parameters of {where} failed: {type(e).__name__}: {str(e)[:500]}\n"
-          f"Pick another step (steps: {sorted(manager.all_steps())}).") from e
+    state = read_state_items(manager, step, item, where=where)
   finally:
     manager.close()
   return Restored(params=state["params"], step=int(step), saved_config=saved,
