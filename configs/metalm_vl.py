@@ -25,7 +25,8 @@ Arguments (comma-separated `key=value`):
 
 Rows (`metalm_jax.data.vl_pipeline`): images [B, N, S, S, C] + text; the model lays a row out as
 N image spans of T = vision_encoder.num_tokens() positions followed by the text
-(`MetaLM.vl_layout`), so model.max_span_len = T + the text prefix an encoder span can hold.
+(`MetaLM.vl_layout`; an NLVR2 row's statement sits between its two images, one span each),
+so model.max_span_len = T + the text prefix an encoder span can hold.
 """
 import ml_collections
 
@@ -34,7 +35,7 @@ from metalm_jax import config as config_lib
 SIZES = {
     # The smallest, for the test suite: patch 4 (4 patches + CLS), one layer each.
     "test": dict(image_size=8, patch_size=4, channels=1, official_image=(8, 4), prefix=32,
-                 seq_len=48, official_seq_len=64, batch=16, steps=6, finetune_steps=6,
+                 seq_len=72, official_seq_len=64, batch=16, steps=6, finetune_steps=6,
                  lr=2e-3, vocab=320,
                  official_vocab=512, dropout=0.0, warmup=1, eval_batch=16, support=200,
                  vit=dict(d_model=32, num_layers=1, num_heads=2, d_ff=64),
@@ -43,7 +44,7 @@ SIZES = {
                  connector=dict(kind="linear")),
     # digits: 8x8 grey, patch 2: 16 patches + CLS = 17 image tokens; official: 16px RGB, patch 4.
     "tiny": dict(image_size=8, patch_size=2, channels=1, official_image=(16, 4), prefix=32,
-                 seq_len=48, official_seq_len=64, batch=16, steps=600, finetune_steps=250,
+                 seq_len=72, official_seq_len=64, batch=16, steps=600, finetune_steps=250,
                  lr=2e-3, vocab=320,
                  official_vocab=512, dropout=0.1, warmup=20, eval_batch=32, support=1500,
                  vit=dict(d_model=64, num_layers=2, num_heads=4, d_ff=128),
@@ -54,7 +55,7 @@ SIZES = {
     # VLMo-base-sized encoder (768, 12 heads), decoder 24 x 1024 (16 heads), a 3-layer FFN
     # connector; AdamW (0.9, 0.98), lr 1e-4, wd 0.01, 2.5k warmup, batch 256, 350k steps.
     "paper": dict(image_size=224, patch_size=16, channels=3, official_image=(224, 16),
-                  prefix=64, seq_len=64, official_seq_len=64, batch=256, steps=350_000,
+                  prefix=64, seq_len=72, official_seq_len=64, batch=256, steps=350_000,
                   finetune_steps=20_000,
                   lr=1e-4, vocab=16384, official_vocab=16384, dropout=0.1, warmup=2500,
                   eval_batch=32, support=2048,
@@ -156,8 +157,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # Paper size on official data decodes and resizes 256 JPEGs a step: grain worker processes.
   config.data.worker_count = 8 if size == "paper" and data == "official" else 0
   config.data.vocab_size = config.model.decoder.vocab_size
-  # Official texts (NLVR2 statements, VQA questions) take more tokens than the templates.
-  config.data.seq_len = s["seq_len"] if data == "digits" else s["official_seq_len"]
+  # Official texts (NLVR2 statements, VQA questions) take more tokens than the templates;
+  # an NLVR2 row holds its statement twice (once paired with each image), so twice the room.
+  # digits: seq_len holds the longest template, an NLVR2 row (68 SentencePiece tokens).
+  config.data.seq_len = (s["seq_len"] if data == "digits" else
+                         s["official_seq_len"] * (2 if kind == "nlvr2" else 1))
   config.batch_size = s["batch"]
   config.optimizer.learning_rate = s["lr"]
   config.optimizer.warmup_steps = s["warmup"]

@@ -111,7 +111,7 @@ def test_png_round_trip_is_exact(examples, sklearn_digits):
 def test_pipeline_static_shapes_and_answer_only_weights(data_dir, kind):
   tokenizer = vl_pipeline.get_vl_tokenizer(kind, data_dir=data_dir)
   seq_len = vl_pipeline.max_text_length(tokenizer)
-  assert seq_len == {"byte": 72, "sentencepiece": 42}[kind]
+  assert seq_len == {"byte": 120, "sentencepiece": 68}[kind]  # NLVR2: the statement twice
   source = datasets.data_source("digits_vl", "validation", data_dir)
   shapes = vl_pipeline.feature_shapes(seq_len=seq_len, image_size=16, num_channels=3)
   batches = iter(vl_pipeline.vl_dataset(source, tokenizer, seq_len=seq_len, batch_size=BATCH,
@@ -132,8 +132,16 @@ def test_pipeline_static_shapes_and_answer_only_weights(data_dir, kind):
       np.testing.assert_array_equal(batch["inputs"][b, 1:n], batch["targets"][b, :n - 1])
       answer = batch["targets"][b][batch["weights"][b] > 0]
       assert answer[-1] == tokenizer.eos_id and len(answer) == n - p + 1
-      question = tokenizer.decode(batch["inputs"][b, :p])
+      pair = batch["pair_length"][b]
+      assert (pair > 0) == (task == "nlvr2")
+      if pair:  # [BOS] statement, paired with image 1; the prompt repeats it
+        assert batch["inputs"][b, 0] == batch["inputs"][b, pair] == tokenizer.bos_id
+        statement = tokenizer.decode(batch["inputs"][b, 1:pair])
+        assert statement in digits.NLVR2_STATEMENTS
+      question = tokenizer.decode(batch["inputs"][b, pair + 1:p])
       assert question.startswith("question: ") or question == "Summarize this image:"
+      if pair:
+        assert question == f"question: {statement} answer:"
       assert tokenizer.decode(answer).startswith(" ") and tokenizer.decode(answer).strip()
   assert seen_tasks == set(digits.TASKS)
   # images are the stored digits, upsampled by nearest neighbour (16 = 2 x 8)

@@ -50,9 +50,17 @@ def test_zero_shot_prompts_follow_the_paper_templates():
   assert vqa[1] == Segment("text", "question: which digit is this? answer:", 0)
   caption = prompts.zero_shot_prompt(EXAMPLES[-1])
   assert caption[-1].value == "Summarize this image:"
-  pair = prompts.zero_shot_prompt(EXAMPLES[6])
-  assert [s.kind for s in pair] == ["image", "image", "text"]
-  np.testing.assert_array_equal(pair[1].value, EXAMPLES[6]["image2"])
+  pair = prompts.zero_shot_prompt(EXAMPLES[6])  # the statement paired with each image
+  assert [s.kind for s in pair] == ["image", "text", "image", "text"]
+  np.testing.assert_array_equal(pair[0].value, EXAMPLES[6]["image"])
+  assert pair[1] == Segment("text", "the two digits are the same.", 0)
+  np.testing.assert_array_equal(pair[2].value, EXAMPLES[6]["image2"])
+  assert pair[3] == Segment("text", "question: the two digits are the same. answer:", 0)
+  demo = prompts.few_shot_prompt([EXAMPLES[7]], EXAMPLES[6])[:4]
+  assert [s.value for s in demo[1::2]] == ["the two digits are the same.",
+                                           "question: the two digits are the same. answer: false"]
+  with pytest.raises(ValueError, match="each of two images"):
+    prompts.zero_shot_prompt(dict(EXAMPLES[6], num_images=1))
 
 
 def test_few_shot_prompt_keeps_each_shot_separate():

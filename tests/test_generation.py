@@ -254,3 +254,115 @@ def test_errors_name_the_bad_setting():
       fast(module, prompts, **kw)
   with pytest.raises(ValueError, match='learned positions'):
     fast(model('vl'), vl_prompts([2]), max_new_tokens=90)
+
+
+# ---------------------------------------------------------------- prompts == training rows
+def _vl_layout_model(max_span_len):
+  """An abstract MetaLM (no weights): vl_layout needs only T, max_span_len and pad_id."""
+  vision = dict(image_size=8, patch_size=4, channels=1, d_model=14, num_layers=1,
+                num_heads=2, d_ff=18)  # 4 patches + [CLS] = T = 5
+  return nnx.eval_shape(lambda: models.build_model(
+      'metalm', rngs=nnx.Rngs(0), mode='dual', decoder=DECODER, text_encoder=ENCODER,
+      vision_encoder=vision, max_span_len=max_span_len))
+
+
+def _digit_example(task, seed):
+  rng = np.random.default_rng(seed)
+  question = {'nlvr2': 'the left digit is larger than the right digit.',
+              'vqa': 'is the digit even or odd?', 'caption': ''}[task]
+  return {'task': task, 'question': question,
+          'answer': {'nlvr2': 'true', 'vqa': 'odd', 'caption': 'a handwritten digit one.'}[task],
+          'image': rng.integers(0, 256, (8, 8, 1), dtype=np.uint8),
+          'image2': rng.integers(0, 256, (8, 8, 1), dtype=np.uint8),
+          'num_images': 2 if task == 'nlvr2' else 1}
+
+
+@pytest.mark.parametrize('task', ['nlvr2', 'vqa', 'caption'])
+@pytest.mark.parametrize('encode_text', [True, False])
+@pytest.mark.parametrize('max_span_len', [5 + 4, 5 + 12])
+def test_vl_prompt_equals_the_training_row_layout_up_to_the_answer(task, encode_text,
+                                                                   max_span_len):
+  """A query prompt is the finetuning row (`vl_pipeline` + the objective's prepare +
+  `MetaLM.vl_layout`) cut before the answer, token for token: NLVR2 pairs the statement
+  with each image on both sides; captions / VQA keep images then text."""
+  from metalm_jax.data import images as images_lib
+  from metalm_jax.data import vl_pipeline
+  from metalm_jax.objectives import semi_causal_lm
+  module = _vl_layout_model(max_span_len)
+  example = _digit_example(task, seed=len(task))
+  num_images = 2 if task == 'nlvr2' else 1
+  row = vl_pipeline.encode_example(example, TOKENIZER, seq_len=32, max_images=num_images)
+  prepare = (semi_causal_lm.vl_finetune_prepare if encode_text
+             else semi_causal_lm.vl_causal_finetune_prepare)
+  row = prepare(row, np.random.default_rng(0))
+  layout = module.vl_layout({k: jnp.asarray(v)[None] for k, v in row.items()},
+                            jnp.asarray(row['prefix_length'])[None])
+  preprocess = functools.partial(images_lib.preprocess_image, image_size=8, channels=1,
+                                 kind='digits')
+  prompt = metalm_prompts.vl_prompt(prompts_lib.zero_shot_prompt(example), TOKENIZER,
+                                    num_image_tokens=5, max_span_len=max_span_len,
+                                    encode_text=encode_text, preprocess=preprocess)
+  n = len(prompt.tokens)
+  assert n == num_images * 5 + int(row['prompt_length'])  # the answer starts at position n
+  np.testing.assert_array_equal(layout['inputs'][0, :n], prompt.tokens)
+  np.testing.assert_array_equal(layout['positions'][0, :n], np.arange(n))
+  np.testing.assert_array_equal(layout['segment_ids'][0, :n], 1)
+  np.testing.assert_array_equal(layout['span_starts'][0], prompt.span_starts)
+  np.testing.assert_array_equal(layout['span_lengths'][0], prompt.span_lengths)
+  np.testing.assert_array_equal(layout['span_ids'][0, :n],
+                                masking_span_ids(prompt.span_starts, prompt.span_lengths, n))
+  np.testing.assert_array_equal(layout['images'][0], prompt.images)
+  answer = TOKENIZER.encode(prompts_lib.target_text(example))
+  np.testing.assert_array_equal(layout['inputs'][0, n:n + len(answer)], answer)
+  np.testing.assert_array_equal(layout['weights'][0, n - 1:n + len(answer)], 1.0)  # + EOS
+  assert not layout['weights'][0, :n - 1].any()
+  assert not layout['weights'][0, n + len(answer):].any()
+  if task == 'nlvr2':  # [image 1 + [BOS] statement] [image 2 + [BOS] prompt]
+    statement = TOKENIZER.encode(example['question'])
+    assert prompt.span_starts.tolist() == [0, 5 + 1 + len(statement)]
+    np.testing.assert_array_equal(prompt.tokens[5:6 + len(statement)],
+                                  [TOKENIZER.bos_id, *statement])
+    cap = max_span_len - 5
+    assert prompt.span_lengths.tolist() == (
+        [5 + min(1 + len(statement), cap), 5 + min(int(row['prompt_length'])
+                                                   - 1 - len(statement), cap)]
+        if encode_text else [5, 5])
+
+
+def masking_span_ids(starts, lengths, length):
+  from metalm_jax.masking import span_ids_from_spans
+  return span_ids_from_spans(starts, lengths, length)
+
+
+def nlvr2_prompts(shots_per_query):
+  rng = np.random.default_rng(2)
+  def example(i):
+    return {'task': 'nlvr2', 'question': f'the left is {i} more than the right',
+            'answer': ['true', 'false'][i % 2],
+            'image': rng.integers(0, 256, (6, 6, 1), dtype=np.uint8),
+            'image2': rng.integers(0, 256, (6, 6, 1), dtype=np.uint8), 'num_images': 2}
+  out = []
+  for q, shots in enumerate(shots_per_query):
+    segments = prompts_lib.few_shot_prompt([example(10 * q + s) for s in range(shots)],
+                                           example(10 * q + 9))
+    out.append(metalm_prompts.vl_prompt(
+        segments, TOKENIZER, num_image_tokens=IMAGE_TOKENS, max_span_len=VL_SPAN,
+        encode_text=True, preprocess=lambda im: im.astype(np.float32) / 255.0))
+  return out
+
+
+def test_nlvr2_prompts_pair_the_statement_with_each_image_and_equal_reference():
+  p = nlvr2_prompts([1])[0]
+  # demo: [img1 + BOS s(8)] [img2 + BOS prompt answer EOS]; query: the same without answer
+  assert len(p.span_starts) == 4
+  statement = 1 + 8  # [BOS] + 8 words
+  prompt_ids = 1 + 10 + 1 + 1  # [BOS] question: + 8 words + answer:, the answer, [EOS]
+  assert p.span_starts.tolist() == [0, IMAGE_TOKENS + statement,
+                                    2 * IMAGE_TOKENS + statement + prompt_ids,
+                                    3 * IMAGE_TOKENS + 2 * statement + prompt_ids]
+  assert p.span_lengths.tolist() == [VL_SPAN] * 4  # each image + the first 4 of its text
+  assert p.tokens[2 * IMAGE_TOKENS + statement + prompt_ids - 1] == TOKENIZER.eos_id
+  assert TOKENIZER.eos_id not in p.tokens[:IMAGE_TOKENS + statement]
+  module = model('vl')
+  prompts = nlvr2_prompts([0, 1])
+  assert_equal_to_reference(module, prompts, *fast(module, prompts))

@@ -8,6 +8,7 @@ from flax import nnx
 
 from metalm_jax import masking, models, objectives
 from metalm_jax.train import optimizer as freeze
+from metalm_jax.models.metalm import span_ids_from_starts
 from metalm_jax.objectives import semi_causal_lm
 
 VOCAB, L = 41, 64
@@ -211,6 +212,151 @@ def test_vl_text_logits_depend_on_the_image_only_through_its_span():
   np.testing.assert_allclose(logits2[1:], logits[1:], atol=1e-6)  # other rows do not
   unused = dict(batch, images=batch['images'].at[0, 1].set(0.7))  # row 0 has one image
   np.testing.assert_allclose(loss_and_logits(model, unused)[1][0], logits[0], atol=1e-6)
+
+
+# ---------------------------------------------------------------- NLVR2: image-text pairs
+def old_vl_layout(model, batch, prefix_lengths):
+  """MetaLM.vl_layout before rows could pair text with each image, copied: unpaired rows
+  must still be laid out exactly so."""
+  images, image_mask = batch['images'], batch['image_mask'].astype(bool)
+  batch_size, num_slots = image_mask.shape
+  num_tokens = model.vision_encoder.num_tokens(tuple(images.shape[2:4]))
+  count = image_mask.sum(-1).astype(jnp.int32)
+  first = num_slots - count
+  slot = jnp.arange(num_slots)[None, :]
+  real = slot >= first[:, None]
+  source = jnp.clip(slot - first[:, None], 0, num_slots - 1)
+  images = jnp.take_along_axis(images, source[:, :, None, None, None], axis=1)
+  images = jnp.where(real[:, :, None, None, None], images, 0.0)
+  starts = jnp.broadcast_to(slot * num_tokens, (batch_size, num_slots)).astype(jnp.int32)
+  lengths = jnp.where(real, num_tokens, 0)
+  prefix = jnp.clip(prefix_lengths, 0, model.max_span_len - num_tokens)
+  lengths = lengths.at[:, -1].add(jnp.where(count > 0, prefix, 0)).astype(jnp.int32)
+  image_len = num_slots * num_tokens
+  image_seg = jnp.repeat(real.astype(jnp.int32), num_tokens, axis=1)
+  zeros = jnp.zeros((batch_size, image_len), jnp.int32)
+  text_seg = (batch['segment_ids'] > 0).astype(jnp.int32)
+  segment_ids = jnp.concatenate([image_seg, text_seg], axis=1)
+  positions = jnp.maximum(jnp.cumsum(segment_ids, axis=1) - 1, 0) * segment_ids
+  pad = jnp.full((batch_size, image_len), model.pad_id, batch['inputs'].dtype)
+  out = dict(
+      inputs=jnp.concatenate([pad, batch['inputs']], axis=1),
+      targets=jnp.concatenate([pad, batch['targets']], axis=1),
+      weights=jnp.concatenate([zeros.astype(jnp.float32), batch['weights']], axis=1),
+      segment_ids=segment_ids, positions=positions.astype(jnp.int32),
+      span_starts=starts, span_lengths=lengths, images=images)
+  out['span_ids'] = span_ids_from_starts(starts, lengths,
+                                         image_len + batch['inputs'].shape[1])
+  return out
+
+
+@pytest.mark.parametrize('max_images', [1, 2])
+def test_vl_layout_of_unpaired_digits_rows_is_bit_identical_to_before_pairing(
+    tmp_path_factory, max_images):
+  """Captions and VQA rows of the digits pipeline (pair_length 0), with and without the
+  pair_length feature, get exactly the arrays the layout gave before pairing existed."""
+  from metalm_jax.data import datasets, tokenizers, vl_pipeline
+  from tests import vl_test_data
+  source = datasets.data_source('digits_vl', 'validation',
+                                vl_test_data.digits_vl_dir(tmp_path_factory))
+  tok = tokenizers.ByteTokenizer()
+  rng = np.random.default_rng(0)
+  rows = []
+  for i in range(0, 200, 3):
+    if source[i]['task'] in (b'nlvr2', 'nlvr2'):
+      continue
+    row = vl_pipeline.encode_example(source[i], tok, seq_len=73, max_images=max_images)
+    rows.append(semi_causal_lm.vl_prepare(row, rng))
+  assert len(rows) > 20 and not any(r['pair_length'] for r in rows)
+  batch = {k: jnp.asarray(np.stack([r[k] for r in rows])) for k in rows[0]}
+  model = vl_model()
+  want = old_vl_layout(model, batch, batch['prefix_length'])
+  no_pair = {k: v for k, v in batch.items() if k != 'pair_length'}
+  for b in (batch, no_pair):
+    got = nnx.jit(lambda m, b: m.vl_layout(b, b['prefix_length']))(model, b)
+    assert got.keys() == want.keys()
+    for key in want:
+      assert got[key].dtype == want[key].dtype, key
+      np.testing.assert_array_equal(got[key], want[key], err_msg=key)
+
+
+def paired_batch(prefix):
+  """vl_batch with row 1 (two images, 9 text tokens) paired: its first 4 text tokens are
+  image 1's; row 0 has one image, so its pair_length is ignored; row 2 is unpaired."""
+  batch = vl_batch()
+  return dict(batch, weights=(batch['segment_ids'] > 0).astype(jnp.float32),
+              pair_length=jnp.array([4, 4, 0], jnp.int32),
+              prefix_length=jnp.array([3, prefix, 5], jnp.int32))
+
+
+@pytest.mark.parametrize('prefix, first_text, last_text', [
+    (6, 4, 2), (2, 2, 0), (0, 0, 0), (9, 4, 5)])  # 9: all the text (a span holds 13 - 5)
+def test_vl_layout_pairs_the_statement_with_each_image(prefix, first_text, last_text):
+  model = vl_model()
+  t = model.vision_encoder.num_tokens()  # 5
+  batch = paired_batch(prefix)
+  layout = nnx.jit(lambda m, b: m.vl_layout(b, b['prefix_length']))(model, batch)
+  unpaired = old_vl_layout(model, batch, batch['prefix_length'])
+  for key in layout:  # rows 0 and 2: as before pairing
+    np.testing.assert_array_equal(layout[key][::2], unpaired[key][::2], err_msg=key)
+  text = np.asarray(batch['inputs'][1])
+  # row 1: [image 1][text 0..3][image 2][text 4..]
+  np.testing.assert_array_equal(layout['inputs'][1], [0] * t + list(text[:4]) + [0] * t
+                                + list(text[4:]))
+  np.testing.assert_array_equal(layout['span_starts'][1], [0, t + 4])
+  np.testing.assert_array_equal(layout['span_lengths'][1], [t + first_text, t + last_text])
+  np.testing.assert_array_equal(layout['positions'][1, :2 * t + 9], np.arange(2 * t + 9))
+  np.testing.assert_array_equal(layout['segment_ids'][1], np.arange(2 * t + 12) < 2 * t + 9)
+  np.testing.assert_array_equal(layout['images'][1], batch['images'][1])
+  targets = np.asarray(batch['targets'][1])
+  assert layout['targets'][1, t + 3] == 0 == layout['weights'][1, t + 3]  # before image 2
+  np.testing.assert_array_equal(layout['targets'][1, t:t + 3], targets[:3])
+  np.testing.assert_array_equal(layout['targets'][1, 2 * t + 4:], targets[4:])
+  # Scored: causal text positions and span ends that predict text, never image placeholders.
+  scored = np.asarray(layout['weights'] * masking.span_loss_weights(layout['span_ids']))[1]
+  span2_end = 2 * t + 4 + last_text - 1
+  want = {p for p in range(t + first_text, t + 3)}  # pair-1 text left causal
+  if 0 < first_text < 4:
+    want.add(t + first_text - 1)  # span 1 ends inside the statement: predicts its next token
+  want |= {p for p in range(2 * t + 4 + last_text, 2 * t + 9)}  # pair-2 text left causal
+  if last_text:
+    want.add(span2_end)
+  assert set(np.flatnonzero(scored).tolist()) == want
+
+
+def test_paired_vl_rows_do_not_leak():
+  """In a paired row a causal position never sees a later one, a span sees only itself and
+  the past: changing any input changes no logit before it (before its span's start, for a
+  span position), and image 2 changes nothing before its slot."""
+  model = vl_model()
+  t = model.vision_encoder.num_tokens()
+  batch = paired_batch(6)
+
+  @nnx.jit
+  def logits_of(m, b):
+    lay = m.vl_layout(b, b['prefix_length'])
+    logits, _ = m(lay['inputs'], positions=lay['positions'], segment_ids=lay['segment_ids'],
+                  span_starts=lay['span_starts'], span_lengths=lay['span_lengths'],
+                  images=lay['images'])
+    return logits
+
+  base = logits_of(model, batch)
+  # row 1 text j sits at t + j (j < 4, span 1 from 0) or 2t + j (span 2 from t + 4 up to
+  # text 5, then causal)
+  span_start = {0: 0, 1: 0, 2: 0, 3: 0, 4: t + 4, 5: t + 4}
+  for j in range(9):
+    position = t + j if j < 4 else 2 * t + j
+    token = (batch['inputs'][1, j] + 1) % VOCAB
+    changed = dict(batch, inputs=batch['inputs'].at[1, j].set(token))
+    logits = logits_of(model, changed)
+    first_seen = span_start.get(j, position)
+    np.testing.assert_allclose(logits[1, :first_seen], base[1, :first_seen], atol=1e-6)
+    assert not np.allclose(logits[1, position:], base[1, position:], atol=1e-6)
+  image2 = logits_of(model, dict(batch, images=batch['images'].at[1, 1].set(0.3)))
+  np.testing.assert_allclose(image2[1, :t + 4], base[1, :t + 4], atol=1e-6)  # image 1 + text
+  assert not np.allclose(image2[1, t + 4:], base[1, t + 4:], atol=1e-6)
+  image1 = logits_of(model, dict(batch, images=batch['images'].at[1, 0].set(0.3)))
+  assert not np.allclose(image1[1, t:t + 4], base[1, t:t + 4], atol=1e-6)  # its statement
 
 
 # ---------------------------------------------------------------- freezing

@@ -1,5 +1,7 @@
 """data/vl_pipeline.py over any VL source: digits batches bit-identical to those before the
-image module and the official adapters existed; long answers cut; official RGB rows."""
+image module and the official adapters existed (NLVR2 rows: with the statement paired with
+image 1 in front of their text, as the METALM paper pairs it with each image); long answers
+cut; official RGB rows."""
 import grain
 import numpy as np
 import pytest
@@ -13,7 +15,7 @@ from metalm_jax.data import vl_pipeline
 from metalm_jax.data import vl_sources
 from tests import vl_test_data
 
-SEQ_LEN = 73  # byte tokens of the longest digits template: 72
+SEQ_LEN = 121  # byte tokens of the longest digits template, an NLVR2 row: 120
 
 
 # ---------------------------------------------------------------- today's functions, copied
@@ -59,14 +61,32 @@ def old_encode_example(example, tokenizer, *, seq_len, max_images=2, image_size=
   }
 
 
+def paired(row, example, tokenizer):
+  """A row of the copied encoder with NLVR2's pairing: [BOS] statement (pair_length tokens,
+  prompt, not answer) in front of the text; every other row gains pair_length 0 only."""
+  row = dict(row, pair_length=np.int32(0))
+  if prompts.as_text(example["task"]) != "nlvr2":
+    return row
+  pair = np.concatenate([[tokenizer.bos_id], tokenizer.encode(
+      prompts.as_text(example["question"]))]).astype(np.int32)
+  n, seq_len = len(pair), len(row["inputs"])
+  def front(key, values):
+    return np.concatenate([np.asarray(values, row[key].dtype), row[key]])[:seq_len]
+  return dict(row, inputs=front("inputs", pair),
+              targets=front("targets", np.append(pair[1:], tokenizer.bos_id)),
+              weights=front("weights", np.zeros(n)), segment_ids=front("segment_ids", np.ones(n)),
+              prompt_length=np.int32(row["prompt_length"] + n),
+              text_length=np.int32(row["text_length"] + n), pair_length=np.int32(n))
+
+
 def old_batches(source, tokenizer, *, seed, batch_size, tasks=None, **kw):
   """Today's vl_dataset (shuffle, repeat, filter, encode, batch) with the copied encoder."""
   examples = grain.MapDataset.source(source)[0::1].shuffle(seed).repeat(None)
   if tasks:
     examples = examples.filter(lambda ex: prompts.as_text(ex["task"]) in tasks)
   return iter(examples.to_iter_dataset().map(
-      lambda ex: old_encode_example(ex, tokenizer, seq_len=SEQ_LEN, **kw)).batch(
-          batch_size, drop_remainder=True))
+      lambda ex: paired(old_encode_example(ex, tokenizer, seq_len=SEQ_LEN, **kw), ex,
+                        tokenizer)).batch(batch_size, drop_remainder=True))
 
 
 def assert_rows_equal(got, want):
@@ -92,12 +112,15 @@ def test_digits_rows_are_bit_identical_to_todays(digits_dir, size, channels):
   tok = tokenizers.ByteTokenizer()
   records = datasets.data_source("digits_vl", "validation", digits_dir)
   adapted = vl_sources.vl_source("digits_vl", "validation", digits_dir)
+  tasks = set()
   for i in range(0, len(records), 7):
-    want = old_encode_example(records[i], tok, seq_len=SEQ_LEN, image_size=size,
-                              num_channels=channels)
+    want = paired(old_encode_example(records[i], tok, seq_len=SEQ_LEN, image_size=size,
+                                     num_channels=channels), records[i], tok)
+    tasks.add(prompts.as_text(records[i]["task"]))
     for ex in (records[i], adapted[i]):  # raw records and vl_source examples alike
       assert_rows_equal(vl_pipeline.encode_example(ex, tok, seq_len=SEQ_LEN, image_size=size,
                                                    num_channels=channels), want)
+  assert tasks == set(digits.TASKS)
 
 
 def test_digits_batches_are_bit_identical_to_todays(digits_dir):
@@ -143,7 +166,7 @@ def test_long_answers_are_cut_with_their_eos_kept():
   np.testing.assert_array_equal(row["inputs"][1:], row["targets"][:-1])
   short = dict(example, answer="a digit.")  # rows that fit are unchanged by the cut
   assert_rows_equal(vl_pipeline.encode_example(short, tok, seq_len=40),
-                    old_encode_example(short, tok, seq_len=40))
+                    paired(old_encode_example(short, tok, seq_len=40), short, tok))
   with pytest.raises(ValueError, match="raise seq_len"):  # the prompt alone does not fit
     vl_pipeline.encode_example(example, tok, seq_len=len(prompt))
 

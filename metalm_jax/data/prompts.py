@@ -9,7 +9,10 @@ Zero-shot templates (METALM paper): captioning "Summarize this image:", VQA
 A prompt is a list of `Segment`s in reading order. Each segment is an image (a uint8
 [H, W, C] array) or a text string, and carries `shot`: 0..k-1 for the k demonstrations,
 k for the query. A demonstration is its images followed by its prompt and answer text; the
-query is its images followed by its prompt only. Keeping every shot in its own segments
+query is its images followed by its prompt only. An NLVR2 example pairs its statement with
+each image, as the METALM paper does ("two image-text pairs"): image 1, the statement,
+image 2, the prompt (which holds the statement again) and, for a demonstration, the answer;
+`pair_text` is the statement. Keeping every shot in its own segments
 lets a model encode each demonstration separately (METALM's in-context learning encodes
 each shot with the bidirectional encoder and feeds them to the decoder in order); use
 `group_by_shot` to get them back.
@@ -60,11 +63,32 @@ def images_of(example: dict) -> list[np.ndarray]:
   return [np.asarray(example["image"]), np.asarray(example["image2"])][:num_images]
 
 
+def pair_text(example: dict) -> str | None:
+  """The text paired with the first of two images: an NLVR2 example's statement (its second
+  image is paired with the prompt, which holds the statement too); None for other tasks."""
+  if as_text(example["task"]) != "nlvr2":
+    return None
+  return as_text(example["question"])
+
+
+def paired_images(example: dict) -> list[np.ndarray]:
+  """`images_of(example)`, checking that an example with a `pair_text` has two images."""
+  images = images_of(example)
+  if pair_text(example) is not None and len(images) != 2:
+    raise ValueError(f"an {as_text(example['task'])!r} example pairs its statement with each "
+                     f"of two images but has {len(images)} (num_images).")
+  return images
+
+
 def example_segments(example: dict, *, shot: int = 0, with_answer: bool) -> list[Segment]:
-  """An example's images then its text (prompt, plus ' ' + answer if `with_answer`)."""
+  """An example's images then its text (prompt, plus ' ' + answer if `with_answer`); for
+  NLVR2 image 1, the statement (`pair_text`), image 2, then that text."""
   text = prompt_text(example) + (target_text(example) if with_answer else "")
-  return ([Segment("image", image, shot) for image in images_of(example)]
-          + [Segment("text", text, shot)])
+  images = [Segment("image", image, shot) for image in paired_images(example)]
+  first = pair_text(example)
+  if first is not None:
+    return [images[0], Segment("text", first, shot), images[1], Segment("text", text, shot)]
+  return images + [Segment("text", text, shot)]
 
 
 def zero_shot_prompt(example: dict) -> list[Segment]:

@@ -8,22 +8,38 @@ C = num_channels, L = seq_len); every shape is fixed, so one compilation serves 
 
     images         float32 [B, N, S, S, C]  pixels (`image_kind`); zeros where image_mask is False
     image_mask     bool    [B, N]           True for a real image (NLVR2 rows have 2, others 1)
-    inputs         int32   [B, L]           [BOS] prompt answer, then PAD (0)
+    inputs         int32   [B, L]           [BOS] prompt answer, then PAD (0); NLVR2:
+                                            [BOS] statement [BOS] prompt answer, PAD
     targets        int32   [B, L]           the next token of each input: prompt answer [EOS]
     weights        float32 [B, L]           1.0 where targets[b, i] is an answer token or the
                                             final EOS, 0.0 on the prompt and on padding
     segment_ids    int32   [B, L]           1 on real text tokens, 0 on padding
-    prompt_length  int32   [B]              tokens of [BOS] + prompt: the answer starts at
+    prompt_length  int32   [B]              tokens before the answer ([BOS] + prompt, after
+                                            the paired text): the answer starts at
                                             inputs[b, prompt_length[b]]
-    text_length    int32   [B]              real tokens in inputs (1 + prompt + answer)
+    text_length    int32   [B]              real tokens in inputs (pair + 1 + prompt + answer)
+    pair_length    int32   [B]              the leading text tokens paired with image 1
+                                            (NLVR2: [BOS] + statement); 0 for other rows
     task           int32   [B]              index into digits.TASKS ('caption', 'vqa', 'nlvr2')
 
-Sequence layout (what a vision-language model builds from a row): the row's images come
-first, in order, each as one *image span* (the vision encoder's patch tokens of that image;
-for N = 2 the left image, then the right), followed by the L text positions:
+Sequence layout (what a vision-language model builds from a row, `MetaLM.vl_layout`): the
+row's images come first, in order, each as one *image span* (the vision encoder's patch
+tokens of that image; for N = 2 the left image, then the right), followed by the L text
+positions:
 
     [image 1 span] [image 2 span, if image_mask] [BOS] question ... answer: | seven [PAD] ...
                                                   \\---- prompt_length ----/ \\- weights = 1
+
+NLVR2 rows pair the statement with each image, as the METALM paper finetunes NLVR2 ("two
+image-text pairs"): the text starts with `pair_length` tokens [BOS] statement, which the
+layout moves between the two images, so a model reads
+
+    [image 1 span] [BOS] statement [image 2 span] [BOS] question: statement answer: | true
+                   \\-- pair_length --/                                               weights
+                   \\------------------------ prompt_length ---------------------/
+
+(image 1 + its text one encoder span, image 2 + its text another; captions / VQA rows have
+pair_length 0 and are unchanged).
 
 Text is `prompts.prompt_text(example)` ("Summarize this image:" or "question: {q}
 answer:") and `prompts.target_text(example)` (" " + answer), tokenized separately and
@@ -63,7 +79,7 @@ DATASET = "digits_vl"
 FEATURE_DTYPES = {
     "images": np.float32, "image_mask": np.bool_, "inputs": np.int32, "targets": np.int32,
     "weights": np.float32, "segment_ids": np.int32, "prompt_length": np.int32,
-    "text_length": np.int32, "task": np.int32,
+    "text_length": np.int32, "task": np.int32, "pair_length": np.int32,
 }
 # The largest vocabulary SentencePiece can build from the templates' text (~326).
 SENTENCEPIECE_VOCAB_SIZE = 320
@@ -76,7 +92,7 @@ def feature_shapes(*, seq_len: int, max_images: int = 2, image_size: int = 8,
   return {"images": (max_images, image_size, image_size, num_channels),
           "image_mask": (max_images,), "inputs": (seq_len,), "targets": (seq_len,),
           "weights": (seq_len,), "segment_ids": (seq_len,), "prompt_length": (),
-          "text_length": (), "task": ()}
+          "text_length": (), "task": (), "pair_length": ()}
 
 
 def prompt_tokens(example: dict, tokenizer: tokenizers.Tokenizer) -> np.ndarray:
@@ -85,25 +101,38 @@ def prompt_tokens(example: dict, tokenizer: tokenizers.Tokenizer) -> np.ndarray:
   return np.concatenate([[tokenizer.bos_id], ids]).astype(np.int32)
 
 
+def pair_tokens(example: dict, tokenizer: tokenizers.Tokenizer) -> np.ndarray:
+  """[BOS] + the tokens of the text paired with image 1 (NLVR2: the statement), int32
+  [pair_length]; empty for examples without one (`prompts.pair_text`)."""
+  text = prompts.pair_text(example)
+  if text is None:
+    return np.zeros((0,), np.int32)
+  return np.concatenate([[tokenizer.bos_id], tokenizer.encode(text)]).astype(np.int32)
+
+
 def encode_example(example: dict, tokenizer: tokenizers.Tokenizer, *, seq_len: int,
                    max_images: int = 2, image_size: int = 8, num_channels: int = 1,
                    image_kind: str = "digits") -> dict[str, np.ndarray]:
   """One example -> one row of the batch format (module docstring), no B axis.
 
   An answer too long for seq_len is cut: its first tokens and the final EOS are kept, so a
-  row never fails on a long caption.
+  row never fails on a long caption. NLVR2 text starts with `pair_tokens` ([BOS] statement,
+  pair_length of them), then [BOS] prompt answer as for the other tasks.
 
   Raises:
-    ValueError: the prompt alone leaves no room for an answer in seq_len, or the example
-      has more images than max_images, or an image its `image_kind` cannot take.
+    ValueError: the (paired text and) prompt alone leave no room for an answer in seq_len,
+      or the example has more images than max_images (NLVR2: not two), or an image its
+      `image_kind` cannot take.
   """
-  prompt = prompt_tokens(example, tokenizer)
+  image_list = prompts.paired_images(example)
+  pair = pair_tokens(example, tokenizer)
+  prompt = np.concatenate([pair, prompt_tokens(example, tokenizer)]).astype(np.int32)
   answer = tokenizer.encode(prompts.target_text(example)).astype(np.int32)
   room = seq_len - len(prompt)  # the sequence (one longer than a row) ends with EOS
   if room < 1:
     raise ValueError(f"The prompt {prompts.prompt_text(example)!r} takes {len(prompt)} text "
-                     f"positions, leaving no room for an answer in seq_len={seq_len}; raise "
-                     "seq_len.")
+                     f"positions{' with its paired text' if len(pair) else ''}, leaving no "
+                     f"room for an answer in seq_len={seq_len}; raise seq_len.")
   sequence = np.concatenate([prompt, answer[:room], [tokenizer.eos_id]]).astype(np.int32)
   text_length = len(sequence) - 1
   inputs = np.full((seq_len,), tokenizer.pad_id, np.int32)
@@ -112,7 +141,6 @@ def encode_example(example: dict, tokenizer: tokenizers.Tokenizer, *, seq_len: i
   positions = np.arange(seq_len)
   weights = ((positions >= len(prompt) - 1) & (positions < text_length)).astype(np.float32)
 
-  image_list = prompts.images_of(example)
   if len(image_list) > max_images:
     raise ValueError(f"Example has {len(image_list)} images but max_images={max_images}.")
   images = np.zeros((max_images, image_size, image_size, num_channels), np.float32)
@@ -125,6 +153,7 @@ def encode_example(example: dict, tokenizer: tokenizers.Tokenizer, *, seq_len: i
       "segment_ids": (positions < text_length).astype(np.int32),
       "prompt_length": np.int32(len(prompt)), "text_length": np.int32(text_length),
       "task": np.int32(digits.TASKS.index(prompts.as_text(example["task"]))),
+      "pair_length": np.int32(len(pair)),
   }
 
 
@@ -294,9 +323,10 @@ def sentencepiece_texts() -> list[str]:
 
 
 def max_text_length(tokenizer: tokenizers.Tokenizer) -> int:
-  """Text positions of the longest template ([BOS] prompt answer): the least seq_len."""
-  return max(len(prompt_tokens(ex, tokenizer)) + len(tokenizer.encode(prompts.target_text(ex)))
-             for ex in template_examples())
+  """Text positions of the longest template ([BOS] statement, for NLVR2, then [BOS] prompt
+  answer): the least seq_len."""
+  return max(len(pair_tokens(ex, tokenizer)) + len(prompt_tokens(ex, tokenizer))
+             + len(tokenizer.encode(prompts.target_text(ex))) for ex in template_examples())
 
 
 def get_vl_tokenizer(kind: str, *, data_dir: str | None = None,

@@ -12,11 +12,15 @@ Builders (each lays a prompt out exactly as training does):
   text_prompt   [BOS] + input text in consecutive spans of <= max_span_len, as
                 `data.text_task_pipeline.prompt_row` (which it calls); encode_input=False
                 leaves the prompt causal (the causal baseline).
-  vl_prompt     zero- or k-shot `data.prompts.Segment` lists, as the METALM vision-language
-                evaluation builds rows: shot by shot, each image is T image positions and its
-                own span; then the shot's text `[BOS] text` (+ `[EOS]` for a demonstration,
-                which carries its answer); with `encode_text`, the shot's last image span
-                also covers the text, up to max_span_len in all.
+  vl_prompt     zero- or k-shot `data.prompts.Segment` lists, as `MetaLM.vl_layout` lays out
+                training rows: shot by shot, each image is T image positions and its own
+                span; each text is `[BOS] text` after the images it follows (+ `[EOS]` after
+                a demonstration's last text, which carries its answer); with `encode_text`,
+                the span of the image right before a text also covers that text, up to
+                max_span_len in all. A shot is usually its images then one text (the last
+                image's span takes it); an NLVR2 shot interleaves them, image 1, statement,
+                image 2, prompt (`prompts.example_segments`): two image + text spans, as
+                training rows pair them (`vl_pipeline`'s pair_length).
 
 Then a batch is padded to one static shape, B prompts x L positions x M span slots:
   pad_left      the prompts end at position L - 1 (generation appends after the last
@@ -72,24 +76,39 @@ def vl_prompt(prompt: Sequence[prompts_lib.Segment], tokenizer, *, num_image_tok
   cur = 0
   groups = prompts_lib.group_by_shot(prompt)
   for g, group in enumerate(groups):
-    is_query = g == len(groups) - 1
-    shot_images = [s.value for s in group if s.kind == "image"]
-    text = " ".join(prompts_lib.as_text(s.value) for s in group if s.kind == "text")
-    ids = np.concatenate([[tokenizer.bos_id], tokenizer.encode(text),
-                          [] if is_query else [tokenizer.eos_id]]).astype(np.int32)
-    for k, image in enumerate(shot_images):
-      length = num_image_tokens
-      if encode_text and k == len(shot_images) - 1:
-        length += min(len(ids), max_span_len - num_image_tokens)
-      starts.append(cur)
-      lengths.append(length)
-      images.append(np.asarray(preprocess(image), np.float32))
-      tokens.append(np.full((num_image_tokens,), tokenizer.pad_id, np.int32))
-      cur += num_image_tokens
-    tokens.append(ids)
-    cur += len(ids)
+    chunks = _image_text_chunks(group)
+    for c, (chunk_images, texts) in enumerate(chunks):
+      last = c == len(chunks) - 1  # a demonstration's answer ends its last text
+      ids = np.concatenate([[tokenizer.bos_id], tokenizer.encode(" ".join(texts)),
+                            [tokenizer.eos_id] if last and g < len(groups) - 1 else []])
+      ids = ids.astype(np.int32)
+      for k, image in enumerate(chunk_images):
+        length = num_image_tokens
+        if encode_text and k == len(chunk_images) - 1:
+          length += min(len(ids), max_span_len - num_image_tokens)
+        starts.append(cur)
+        lengths.append(length)
+        images.append(np.asarray(preprocess(image), np.float32))
+        tokens.append(np.full((num_image_tokens,), tokenizer.pad_id, np.int32))
+        cur += num_image_tokens
+      tokens.append(ids)
+      cur += len(ids)
   return SpanPrompt(np.concatenate(tokens), np.asarray(starts, np.int32),
                     np.asarray(lengths, np.int32), np.stack(images) if images else None)
+
+
+def _image_text_chunks(group: Sequence[prompts_lib.Segment]) -> list[tuple[list, list[str]]]:
+  """A shot's segments as (images, texts) chunks, each images followed by the texts up to the
+  next image: one chunk for images-then-text shots, one per image + text pair for NLVR2."""
+  chunks: list[tuple[list, list[str]]] = [([], [])]
+  for s in group:
+    if s.kind == "image":
+      if chunks[-1][1]:  # an image after text starts the next pair
+        chunks.append(([], []))
+      chunks[-1][0].append(s.value)
+    else:
+      chunks[-1][1].append(prompts_lib.as_text(s.value))
+  return chunks
 
 
 def extent(prompts: Sequence[SpanPrompt]) -> tuple[int, int]:

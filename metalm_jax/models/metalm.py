@@ -214,21 +214,36 @@ class MetaLM(nnx.Module):
   def vl_layout(self, batch: Mapping[str, jax.Array], prefix_lengths: jax.Array) -> dict:
     """Image-first rows (`data.vl_pipeline`) -> this model's span layout, all in jnp.
 
-    The decoder row becomes N image slots of T = vision_encoder.num_tokens() positions, then
-    the L text positions. A row's k real images (image_mask, real ones first) take the LAST
-    k slots, so the last one touches the text; the empty slots are padding (segment 0).
-    Image n's span covers its slot; the last real image's span also covers the first
-    `prefix_lengths[b]` text tokens, which the encoder then sees with the images.
+    The decoder row has R = N*T + L positions (T = vision_encoder.num_tokens()): N image slots
+    of T positions, then the L text positions. A row's k real images (image_mask, real ones
+    first) take the LAST k slots; the empty slots are padding (segment 0). Image n's span
+    covers its slot, and the text that follows the slot joins it, up to
+    max_span_len - T tokens (`prefix_lengths` says how many text tokens the encoder sees):
+
+      unpaired (pair_length 0: captions, VQA; rows without the feature):
+        [slot 1] ... [slot N-1] [slot N + text[:p]] [text[p:] ...]
+        the last image's span takes the first p = prefix_lengths text tokens.
+      paired (pair_length P > 0, k >= 2 images: NLVR2, `vl_pipeline`'s text
+        [BOS] statement [BOS] prompt answer, P = the first [BOS] + statement):
+        ... [slot N-1 + text[:p1]] [text[p1:P]] [slot N + text[P:P+p2]] [text[P+p2:] ...]
+        the image before the last reads the first P text tokens with it (p1 = min(p, P)),
+        the last image the rest (p2 = p - P): the statement paired with each image, each pair
+        its own bidirectional span, as the METALM paper finetunes NLVR2. text[P - 1] is
+        followed by an image, not text: its target is pad_id, its weight 0.
+
+    Unpaired rows are laid out exactly as before pairing existed (the same arrays, bit for bit).
 
     Args:
       batch: images [B, N, H, W, K], image_mask bool [B, N], inputs / targets / weights /
-        segment_ids [B, L].
-      prefix_lengths: int [B], text tokens given to the encoder (0 = images only), capped
-        at max_span_len - T (the rest of the text stays causal).
+        segment_ids [B, L]; optional pair_length int [B] (0 or absent = unpaired; used only
+        in rows with >= 2 images).
+      prefix_lengths: int [B], text tokens given to the encoder, counted from the first text
+        token (0 = images only); each span takes at most max_span_len - T of them (the rest
+        of its text stays causal).
 
     Returns:
-      dict of inputs, targets, weights, segment_ids, positions [B, N*T + L],
-      span_starts / span_lengths [B, N], span_ids [B, N*T + L], images [B, N, H, W, K]
+      dict of inputs, targets, weights, segment_ids, positions [B, R],
+      span_starts / span_lengths [B, N], span_ids [B, R], images [B, N, H, W, K]
       (moved to their slots).
     """
     if self.vision_encoder is None:
@@ -244,24 +259,44 @@ class MetaLM(nnx.Module):
     source = jnp.clip(slot - first[:, None], 0, num_slots - 1)
     images = jnp.take_along_axis(images, source[:, :, None, None, None], axis=1)
     images = jnp.where(real[:, :, None, None, None], images, 0.0)
+    pair = jnp.zeros((batch_size,), jnp.int32)
+    if 'pair_length' in batch:
+      pair = jnp.where(count >= 2, batch['pair_length'], 0).astype(jnp.int32)  # [B]
+    cap = self.max_span_len - num_tokens
+    prefix = jnp.maximum(prefix_lengths, 0)
+    first_text = jnp.minimum(jnp.minimum(prefix, pair), cap)  # joins image k - 1's span
+    last_text = jnp.clip(prefix - pair, 0, cap)  # joins the last image's span
     starts = jnp.broadcast_to(slot * num_tokens, (batch_size, num_slots)).astype(jnp.int32)
+    starts = starts.at[:, -1].add(pair)  # the paired text sits before the last slot
     lengths = jnp.where(real, num_tokens, 0)
-    prefix = jnp.clip(prefix_lengths, 0, self.max_span_len - num_tokens)
-    lengths = lengths.at[:, -1].add(jnp.where(count > 0, prefix, 0)).astype(jnp.int32)
+    if num_slots >= 2:
+      lengths = lengths.at[:, -2].add(first_text)
+    lengths = lengths.at[:, -1].add(jnp.where(count > 0, last_text, 0)).astype(jnp.int32)
     image_len = num_slots * num_tokens
+    text_len = batch['inputs'].shape[1]
+    # Row position r reads unpaired position src[b, r]: the first P text tokens move in front
+    # of the last slot (identity where P = 0).
+    r = jnp.arange(image_len + text_len)[None, :]
+    cut, p = image_len - num_tokens, pair[:, None]
+    src = jnp.where((r >= cut) & (r < cut + p), image_len + r - cut,
+                    jnp.where((r >= cut + p) & (r < cut + p + num_tokens), r - p, r))
     image_seg = jnp.repeat(real.astype(jnp.int32), num_tokens, axis=1)  # [B, N*T]
     zeros = jnp.zeros((batch_size, image_len), jnp.int32)
     text_seg = (batch['segment_ids'] > 0).astype(jnp.int32)
-    segment_ids = jnp.concatenate([image_seg, text_seg], axis=1)
-    positions = jnp.maximum(jnp.cumsum(segment_ids, axis=1) - 1, 0) * segment_ids
     pad = jnp.full((batch_size, image_len), self.pad_id, batch['inputs'].dtype)
+    before_image = (p > 0) & (r == cut + p - 1)  # the paired text's last token
+    def place(image_part, text_part):
+      return jnp.take_along_axis(jnp.concatenate([image_part, text_part], axis=1), src, axis=1)
+    segment_ids = place(image_seg, text_seg)
+    positions = jnp.maximum(jnp.cumsum(segment_ids, axis=1) - 1, 0) * segment_ids
     out = dict(
-        inputs=jnp.concatenate([pad, batch['inputs']], axis=1),
-        targets=jnp.concatenate([pad, batch['targets']], axis=1),
-        weights=jnp.concatenate([zeros.astype(jnp.float32), batch['weights']], axis=1),
+        inputs=place(pad, batch['inputs']),
+        targets=jnp.where(before_image, self.pad_id, place(pad, batch['targets'])),
+        weights=jnp.where(before_image, 0.0, place(zeros.astype(jnp.float32),
+                                                   batch['weights'])),
         segment_ids=segment_ids, positions=positions.astype(jnp.int32),
         span_starts=starts, span_lengths=lengths, images=images)
-    out['span_ids'] = span_ids_from_starts(starts, lengths, image_len + batch['inputs'].shape[1])
+    out['span_ids'] = span_ids_from_starts(starts, lengths, image_len + text_len)
     return out
 
   # ------------------------------------------------------------------ forward

@@ -173,8 +173,10 @@ def vl_loss(model, batch, *, deterministic: bool = True, rng=None):
   """Semi-causal loss on image-first `digits_vl` rows (data.vl_pipeline format).
 
   `batch['prefix_length']` [B] text tokens join the last image's span (the encoder sees
-  images + prefix bidirectionally); the decoder predicts the rest, scored where
-  `batch['weights']` and `masking.span_loss_weights` both allow.
+  images + prefix bidirectionally); in NLVR2 rows (`pair_length` > 0) the first
+  pair_length of them join image 1's span instead, the rest image 2's (`MetaLM.vl_layout`).
+  The decoder predicts the rest, scored where `batch['weights']` and
+  `masking.span_loss_weights` both allow.
   """
   layout = model.vl_layout(batch, batch['prefix_length'])
   return loss(model, layout, deterministic=deterministic, rng=rng)
