@@ -19,6 +19,7 @@ it again is quick: prepared datasets and cached tokenizers are reused.
 from absl import app
 from absl import flags
 
+from metalm_jax import cli
 from metalm_jax.data import datasets
 from metalm_jax.data import generated
 from metalm_jax.data import tokenizers
@@ -39,6 +40,12 @@ _TOKENIZER_VOCAB_SIZE = flags.DEFINE_integer(
 
 def main(argv):
   del argv
+  cli.setup_logging()
+  with cli.user_errors("prepare_data.py"):
+    _prepare()
+
+
+def _prepare():
   data_dir = _DATA_DIR.value or datasets.default_data_dir()
   if _DATASET.value in generated.COLLECTIONS:
     where = generated.prepare(_DATASET.value, data_dir)

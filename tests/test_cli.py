@@ -52,6 +52,14 @@ def test_third_party_info_is_quiet_unless_asked():
   cli.setup_logging(verbosity=0)
 
 
+def test_prepare_data_keeps_third_party_info_quiet(tmp_path):
+  out = _run("prepare_data.py", "--dataset=digits_vl", f"--data_dir={tmp_path}")
+  assert out.returncode == 0, out.stderr[-2000:]
+  assert "Dataset 'digits_vl' is in" in out.stdout
+  # TFDS logs its writer and dataset-info INFO lines through absl unless --verbosity asks.
+  assert "writer.py" not in out.stderr and "dataset_info.py" not in out.stderr, out.stderr[-2000:]
+
+
 def test_generate_greedy_sampled_and_beam(uninterrupted, tmp_path):
   workdir, config, result = uninterrupted
   loaded = generation.load(config, workdir)
