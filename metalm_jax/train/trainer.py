@@ -29,6 +29,7 @@ from metalm_jax.train import checkpoint as checkpoint_lib
 from metalm_jax.train import init_from as init_from_lib
 from metalm_jax.train import metrics as metrics_lib
 from metalm_jax.train import optimizer as optimizer_lib
+from metalm_jax.train import peft as peft_lib
 from metalm_jax.train import preemption
 from metalm_jax.train import state as state_lib
 from metalm_jax.train import step as step_lib
@@ -63,16 +64,42 @@ def check_batch(config: ml_collections.ConfigDict, mesh) -> None:
         "--config.batch_size or --config.mesh.* for this machine")
 
 
-def make_optimizer(config: ml_collections.ConfigDict, model: state_lib.Model):
-  """(tx, schedule) of `config.optimizer`, with a docked encoder's lower layers frozen when
-  `config.model.trainable_encoder_layers >= 0`."""
+def trainable_params(config: ml_collections.ConfigDict, model: state_lib.Model):
+  """Bool tree like the params (None: all train): a docked encoder's lower layers frozen when
+  `config.model.trainable_encoder_layers >= 0`, and what `config.peft` freezes (LoRA: all but
+  the factors; BitFit: all but biases and norms). `config.optimizer.freeze` comes on top in
+  `optimizer.make_optimizer`."""
   trainable = None
   layers = dict(config.model).get("trainable_encoder_layers", -1)
   if layers is not None and layers >= 0:
     trainable = optimizer_lib.trainable_mask(model.abstract_params, trainable_layers=layers)
+  if model.peft is not None:
+    mask = peft_lib.trainable_mask(model.abstract_params, model.peft)
+    trainable = mask if trainable is None else jax.tree.map(
+        lambda a, b: bool(a and b), trainable, mask)
+  return trainable
+
+
+def make_optimizer(config: ml_collections.ConfigDict, model: state_lib.Model):
+  """(tx, schedule) of `config.optimizer`, with the params `trainable_params` freezes frozen
+  (zero updates, no optimizer state)."""
   tx = optimizer_lib.make_optimizer(config.optimizer, config.num_train_steps,
-                                    model.abstract_params, trainable=trainable)
+                                    model.abstract_params,
+                                    trainable=trainable_params(config, model))
   return tx, optimizer_lib.learning_rate_schedule(config.optimizer, config.num_train_steps)
+
+
+def trainable_summary(config: ml_collections.ConfigDict, model: state_lib.Model, tx) -> str:
+  """'peft lora r=8: 12,288 trainable of 620,704 params (1.98%); optimizer state 98.0 KB'
+  (every freeze counted: encoder layers, config.peft, config.optimizer.freeze)."""
+  trainable = trainable_params(config, model)
+  frozen = config_lib.freeze_patterns(config.optimizer)
+  if frozen:
+    regex = optimizer_lib.regex_trainable_mask(model.abstract_params, frozen)
+    trainable = regex if trainable is None else jax.tree.map(
+        lambda a, b: bool(a and b), trainable, regex)
+  return peft_lib.summary(model.peft, model.abstract_params, trainable,
+                          jax.eval_shape(tx.init, model.abstract_params))
 
 
 def eval_context(config, family, model, rest, mesh, state_shardings, batch_shardings,
@@ -164,7 +191,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
               jax.process_count(), family.name)
 
   # ---------------------------------------------------------------- model and input
-  model = state_lib.Model(config.model)
+  model = state_lib.Model.from_config(config)
   family.check_model(model)
   local_batch = config.batch_size // jax.process_count()
   train_iter = iter(family.train_dataset(batch_size=local_batch,
@@ -177,6 +204,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   # a trainer step is one micro-batch; `schedule(step)` is the rate its group's update uses.
   tx, schedule = make_optimizer(config, model)
   logger.info("model %s: %s parameters", config.model.name, f"{model.param_count():,}")
+  logger.info("%s", trainable_summary(config, model, tx))
 
   # ---------------------------------------------------------------- sharded init / restore
   rng = jax.random.key(config.seed)
