@@ -117,6 +117,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.peft.alpha = 16.0  # lora: the update is scaled by alpha / rank
   # lora: a regex re.search'ed in '/'-joined param paths; the kernels it matches get factors.
   c.peft.targets = LORA_DEFAULT_TARGETS
+  # Checkpoints hold only the trained params (+ optimizer state, step, data position): the
+  # frozen base is read again from config.init_from.checkpoint on resume and evaluation.
+  c.peft.save_trainable_only = False
 
   # Evaluators, by name (metalm_jax.evaluation.evaluators): {'type': ..., 'every_steps': ...,
   # options}. They run every `every_steps` (0 = config.eval_every_steps, -1 = at the end only)
@@ -457,6 +460,14 @@ def validate(config: ml_collections.ConfigDict) -> None:
   init_from_skips(config.init_from)
   if "peft" in config:
     check_peft(config.peft)
+    if config.peft.get("save_trainable_only", False) and not (
+        config.peft.method and config.init_from.checkpoint):
+      raise ConfigError(
+          f"config.peft.save_trainable_only=True with config.peft.method="
+          f"{config.peft.method!r} and config.init_from.checkpoint="
+          f"{config.init_from.checkpoint!r}: checkpoints without the frozen base need a peft "
+          "method (something frozen) and the base to re-read from config.init_from.checkpoint;"
+          " set both, or save_trainable_only=False")
   if config.init_from.step < 0:
     raise ConfigError(f"config.init_from.step={config.init_from.step} must be >= 0 (0 = the "
                       "latest checkpoint)")

@@ -302,3 +302,58 @@ def test_metalm_vl_finetune_with_peft_from_a_pretrain_workdir(method, pretrained
     assert changed and all(peft.weight_decay.no_decay_role(p) in ("bias", "norm")
                            for p in changed)
   assert os.path.exists(os.path.join(tmp_path, "evals", "vqa", f"step_{config.num_train_steps}.json"))
+
+
+def test_save_trainable_only_needs_a_method_and_init_from():
+  config = decoder_config("lora")
+  config.peft.save_trainable_only = True
+  with pytest.raises(ConfigError, match=r"save_trainable_only=True .*"
+                     r"config\.init_from\.checkpoint=''"):
+    config_lib.validate(config)
+  config.init_from.checkpoint = "/some/pretrain"
+  config_lib.validate(config)
+  config.peft.method = ""
+  with pytest.raises(ConfigError, match=r"config\.peft\.method=''"):
+    config_lib.validate(config)
+
+
+@pytest.mark.slow  # three ~30 s runs on 2 cores
+def test_trainable_only_checkpoints_resume_and_evaluate(pretrained, family_data_dir,
+                                                        tmp_path, monkeypatch):
+  """Checkpoints without the frozen base: they hold the factors alone, a resumed run reads
+  the base from config.init_from and continues the same trajectory, evaluation works."""
+  from metalm_jax.train import evaluate as evaluate_lib
+
+  def config(steps, trainable_only=True):
+    c = runlocal_config("metalm_vl", "size=test,stage=finetune,peft=lora", family_data_dir,
+                        **{"init_from.checkpoint": str(pretrained),
+                           "peft.save_trainable_only": trainable_only})
+    c.num_train_steps, c.checkpoint_every_steps, c.optimizer.warmup_steps = steps, 2, 1
+    return c
+
+  full = config(6, trainable_only=False)
+  trainer.train_and_evaluate(full, str(tmp_path / "full"))
+  # Interrupted while fetching step 5's batch: the checkpoint of step 4 is the last one.
+  fetch, calls = pipeline.make_global_batch, []
+
+  def stop_at_step_5(*args, **kwargs):
+    calls.append(1)
+    if len(calls) == 5:
+      raise KeyboardInterrupt("simulated stop")
+    return fetch(*args, **kwargs)
+
+  monkeypatch.setattr(trainer.pipeline, "make_global_batch", stop_at_step_5)
+  with pytest.raises(KeyboardInterrupt):
+    trainer.train_and_evaluate(config(6), str(tmp_path / "part"))
+  monkeypatch.undo()
+  assert checkpoint_lib.Checkpointer(str(tmp_path / "part"), keep=3).latest_step() == 4
+  saved = saved_params(tmp_path / "part")
+  assert saved and all(peft.is_factor(p) for p in saved)
+  result = trainer.train_and_evaluate(config(6), str(tmp_path / "part"))
+  assert result["step"] == 6
+  straight, resumed = saved_params(tmp_path / "full"), saved_params(tmp_path / "part")
+  for path, value in resumed.items():
+    np.testing.assert_allclose(value, straight[path], rtol=1e-5, atol=1e-6, err_msg=path)
+  scores = evaluate_lib.evaluate(config(6), str(tmp_path / "part"), names=("eval",))
+  np.testing.assert_allclose(scores["evals"]["eval"]["loss"], result["evals"]["eval"]["loss"],
+                             rtol=1e-5)

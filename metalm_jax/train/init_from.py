@@ -46,6 +46,11 @@ def _flat(tree) -> dict[str, Any]:
           for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
+def flat_params(tree) -> dict[str, Any]:
+  """{'/'-joined path: leaf} of a params tree (what `merge` takes)."""
+  return _flat(tree)
+
+
 @dataclasses.dataclass(frozen=True)
 class Plan:
   """Which source param fills which param of this model."""

@@ -254,6 +254,21 @@ def stop_frozen_gradients(params: Mapping, peft_config) -> dict:
   return jax.tree.map(lambda x, t: x if t else jax.lax.stop_gradient(x), params, mask)
 
 
+def saves_trainable_only(config) -> bool:
+  """`config.peft.save_trainable_only` (False without a peft section)."""
+  return bool(config.get("peft", {}).get("save_trainable_only", False))
+
+
+def subset(params: Any, keep: Any) -> dict:
+  """The nested dict `params` restricted to the leaves where the bool tree `keep` is True
+  (empty dicts dropped): what a `save_trainable_only` checkpoint holds."""
+  if isinstance(params, Mapping):
+    out = {k: subset(v, keep[k]) for k, v in params.items()}
+    return {k: v for k, v in out.items() if not (isinstance(v, dict) and not v)
+            and v is not None}
+  return params if keep else None
+
+
 def _nbytes(x) -> int:
   return int(np.prod(x.shape, dtype=np.int64)) * jnp.dtype(x.dtype).itemsize
 

@@ -80,6 +80,15 @@ def trainable_params(config: ml_collections.ConfigDict, model: state_lib.Model):
   return trainable
 
 
+def saved_part_fn(config: ml_collections.ConfigDict, model: state_lib.Model):
+  """state (or its shardings) -> what a checkpoint holds: all of it, or with
+  `config.peft.save_trainable_only` the params restricted to the trained ones."""
+  if not peft_lib.saves_trainable_only(config):
+    return lambda state: state
+  keep = trainable_params(config, model)
+  return lambda state: state.replace(params=peft_lib.subset(state.params, keep))
+
+
 def make_optimizer(config: ml_collections.ConfigDict, model: state_lib.Model):
   """(tx, schedule) of `config.optimizer`, with the params `trainable_params` freezes frozen
   (zero updates, no optimizer state)."""
@@ -211,10 +220,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   state, state_shardings, rest = state_lib.create_train_state(
       model, tx, rng, mesh, rules, init_extra=family.init_extra)
   checkpointer = checkpoint_lib.Checkpointer(workdir, keep=config.keep_checkpoints)
-  abstract = jax.eval_shape(lambda: state)
+  saved_part = saved_part_fn(config, model)  # what a checkpoint holds of the state
+  abstract = jax.eval_shape(lambda: saved_part(state))
   restored, restored_step = checkpointer.restore_latest_good(
-      abstract, state_shardings, train_iter, worker_count=config.data.worker_count)
+      abstract, saved_part(state_shardings), train_iter, worker_count=config.data.worker_count)
   if restored is not None:
+    if peft_lib.saves_trainable_only(config):  # the frozen base from config.init_from
+      base = start_from(config, family, state, state_shardings, rng)
+      restored = restored.replace(params=init_from_lib.merge(
+          base.params, init_from_lib.flat_params(restored.params)))
     state = restored
     logger.info("resumed from step %d in %s", restored_step, checkpointer.directory)
   elif config.init_from.checkpoint:
@@ -272,7 +286,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         stopped = None if last_step else stop.requested()
         # Checkpoint first: a kill during a long evaluation loses no training.
         if step % config.checkpoint_every_steps == 0 or last_step or stopped:
-          checkpointer.save(step, state, train_iter, config_dict, force=bool(stopped))
+          checkpointer.save(step, saved_part(state), train_iter, config_dict,
+                            force=bool(stopped))
         if last_step:
           checkpointer.wait()
         if stopped:
