@@ -357,3 +357,35 @@ def test_trainable_only_checkpoints_resume_and_evaluate(pretrained, family_data_
   scores = evaluate_lib.evaluate(config(6), str(tmp_path / "part"), names=("eval",))
   np.testing.assert_allclose(scores["evals"]["eval"]["loss"], result["evals"]["eval"]["loss"],
                              rtol=1e-5)
+
+
+def params_at(workdir, step) -> dict:
+  ckpt = checkpoint_lib.Checkpointer(str(workdir), keep=3, async_save=False)
+  state = ckpt.manager.restore(step, args=checkpoint_lib.ocp.args.Composite(
+      state=checkpoint_lib.ocp.args.StandardRestore()))["state"]
+  ckpt.close()
+  return flat(state["params"])
+
+
+@pytest.mark.slow  # one short run per family (~20-40 s each on 2 cores)
+@pytest.mark.parametrize("name,arg", [
+    ("decoder_lm", ""), ("hybrid_lm", "size=test"), ("metalm_lm", "size=test"),
+    ("metalm_multitask", "size=test"), ("mplug", "size=test"),  # pretraining: momentum
+    ("mplug", "size=test,stage=vqa")])
+def test_lora_trains_through_every_family(name, arg, family_data_dir, tmp_path):
+  config = runlocal_config(name, arg, family_data_dir, **{"peft.method": "lora"})
+  config.num_train_steps, config.checkpoint_every_steps, config.log_every_steps = 3, 1, 1
+  config.optimizer.warmup_steps = 1
+  config.evals = ml_collections.ConfigDict({"eval": {"type": "loss"}})
+  config.sample.max_new_tokens = 0
+  result = trainer.train_and_evaluate(config, str(tmp_path))
+  assert result["step"] == 3 and np.isfinite(result["eval_loss"])
+  first, last = params_at(tmp_path, 1), params_at(tmp_path, 3)
+  factors = [p for p in last if peft.is_factor(p)]
+  assert factors
+  changed = {p for p in last if not np.array_equal(first[p], last[p])}
+  assert changed and changed <= set(factors), sorted(changed - set(factors))
+  # Every factor the loss reaches trains (mPLUG pretraining leaves its seq2seq decoder out).
+  unused = ("decoder/",) if (name, arg) == ("mplug", "size=test") else ()
+  assert {p for p in factors if not p.startswith(unused)} <= changed | {
+      p for p in factors if p.endswith("lora_a")}  # A moves from step 2 on (B = 0 at step 1)

@@ -224,7 +224,9 @@ def check_param_shapes(manager: ocp.CheckpointManager, step: int, abstract_param
     raise checkpoint_lib.CheckpointMismatchError(
         f"the parameters of {where} do not fit the configured model ({len(differ)} shapes "
         f"differ, {len(missing)} missing, {len(extra)} extra):\n" + "\n".join(lines) +
-        "\nPass the config the checkpoint was trained with.")
+        "\nPass the config the checkpoint was trained with" +
+        (" (its config.peft: the checkpoint has LoRA factors, lora_a / lora_b)"
+         if any(peft_lib.is_factor(k) for k in extra + missing) else "") + ".")
 
 
 @dataclasses.dataclass(frozen=True)
