@@ -4,6 +4,8 @@ r"""METALM vision-language (ViT + bidirectional encoder docked to a causal decod
   python experiments/train.py --config=configs/metalm_vl.py --workdir=workdirs/metalm_vl
   python experiments/train.py --config=configs/metalm_vl.py:stage=finetune \
       --workdir=workdirs/metalm_vl_vqa --config.init_from.checkpoint=workdirs/metalm_vl
+  python experiments/train.py --config=configs/metalm_vl.py:stage=finetune,peft=lora \
+      --workdir=workdirs/metalm_vl_vqa_lora --config.init_from.checkpoint=workdirs/metalm_vl
   python experiments/train.py --config=configs/metalm_vl.py:model=causal --workdir=...
   python experiments/reproduce.py --table=metalm_digits   # METALM vs the causal baseline
 
@@ -21,6 +23,9 @@ Arguments (comma-separated `key=value`):
             NLVR2 prepared in config.data.data_dir; docs/reproducing.md)
   task      the finetuning task: vqa (default) | caption | nlvr2 (digits); vqav2 | ok_vqa |
             coco | nlvr2 (official)
+  peft      (finetune only) lora | bitfit: parameter-efficient finetuning (config.peft;
+            docs/training.md): LoRA r=8, alpha=16 on the attention and MLP kernels, or only
+            biases and norms; '' (default) trains every parameter.
   runlocal  1 = a few steps and a few evaluation examples: a smoke run.
 
 Rows (`metalm_jax.data.vl_pipeline`): images [B, N, S, S, C] + text; the model lays a row out as
@@ -129,11 +134,17 @@ def evals(size: str, data: str, stage: str, task: str) -> dict:
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   args = config_lib.parse_config_args(arg, size="tiny", model="metalm", stage="pretrain",
-                                      data="digits", task="", runlocal="0")
+                                      data="digits", task="", peft="",
+                                      runlocal="0")
   for key, valid in (("size", SIZES), ("model", MODELS), ("stage", STAGES), ("data", DATA)):
     if args[key] not in valid:
       raise ValueError(f"{key}={args[key]!r}; valid: {sorted(valid)}")
   size, data, stage = args["size"], args["data"], args["stage"]
+  if args["peft"] not in ("", "lora", "bitfit"):
+    raise ValueError(f"peft={args['peft']!r}; valid: lora, bitfit ('' = full finetuning)")
+  if args["peft"] and stage != "finetune":
+    raise ValueError(f"peft={args['peft']} freezes the base model: use it with stage=finetune "
+                     "(and --config.init_from.checkpoint=<a pretraining workdir>)")
   task = args["task"] or ("vqa" if data == "digits" else "vqav2")
   if task not in TASKS[data]:
     raise ValueError(f"task={task!r} with data={data}; valid: {sorted(TASKS[data])}")
@@ -173,6 +184,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.evals = ml_collections.ConfigDict(dict({"eval": dict(type="loss")},
                                                 **evals(size, data, stage, task)))
   config.sample.max_new_tokens = 0  # no text-only sample for a vision-language model
+  config.peft.method = args["peft"]
   if args["runlocal"] == "1":
     config_lib.set_runlocal(config)
   return config_lib.finalize(config)

@@ -24,6 +24,13 @@ class ConfigError(ValueError):
   """A config key or value is wrong; the message names it and how to fix it."""
 
 
+# The attention (query / key / value / out) and MLP (wi / wi_gate / wo) projection kernels of
+# every model family (decoder blocks, docked encoders, ViT, mPLUG's fusion and decoder layers).
+LORA_DEFAULT_TARGETS = (r"(^|/)(attention|self_attention|cross_attention)/(query|key|value|out)"
+                        r"/kernel$|(^|/)(mlp|ffn)/(wi|wi_gate|wo)/kernel$")
+PEFT_METHODS = ("", "lora", "bitfit")
+
+
 def base_config() -> ml_collections.ConfigDict:
   """Every key the trainer reads, with defaults. Config files override values only."""
   c = ml_collections.ConfigDict()
@@ -99,6 +106,20 @@ def base_config() -> ml_collections.ConfigDict:
   c.init_from.step = 0  # 0 = the latest
   c.init_from.rename = ()
   c.init_from.skip = ()
+
+  # Parameter-efficient finetuning (metalm_jax/train/peft.py, docs/training.md): '' (off),
+  # 'lora' (frozen base; trained low-rank factors beside each target kernel: kernel +
+  # alpha / rank * A @ B) or 'bitfit' (only biases and norm parameters train). Frozen
+  # parameters get no gradient step and no optimizer state.
+  c.peft = ml_collections.ConfigDict()
+  c.peft.method = ""
+  c.peft.rank = 8  # lora: r, the factors' inner size
+  c.peft.alpha = 16.0  # lora: the update is scaled by alpha / rank
+  # lora: a regex re.search'ed in '/'-joined param paths; the kernels it matches get factors.
+  c.peft.targets = LORA_DEFAULT_TARGETS
+  # Checkpoints hold only the trained params (+ optimizer state, step, data position): the
+  # frozen base is read again from config.init_from.checkpoint on resume and evaluation.
+  c.peft.save_trainable_only = False
 
   # Evaluators, by name (metalm_jax.evaluation.evaluators): {'type': ..., 'every_steps': ...,
   # options}. They run every `every_steps` (0 = config.eval_every_steps, -1 = at the end only)
@@ -325,6 +346,28 @@ def _check_evals(evals) -> None:
                         "config.eval_every_steps, -1 = at the end only")
 
 
+def check_peft(peft_config) -> None:
+  """`config.peft`'s values, each checked (its regex is matched against the model's params
+  when the model is built: train.peft.lora_targets)."""
+  method = peft_config.get("method", "")
+  if method not in PEFT_METHODS:
+    raise ConfigError(f"config.peft.method={method!r} is not a method; valid: "
+                      f"{list(PEFT_METHODS)} ('' = train every parameter)")
+  rank = peft_config.get("rank", 8)
+  if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+    raise ConfigError(f"config.peft.rank={rank!r} must be an int >= 1 (LoRA's r, e.g. 8)")
+  alpha = peft_config.get("alpha", 16.0)
+  if (isinstance(alpha, bool) or not isinstance(alpha, (int, float))
+      or not 0 < alpha < float("inf")):
+    raise ConfigError(f"config.peft.alpha={alpha!r} must be a finite number > 0 (the update "
+                      "is scaled by alpha / rank; e.g. alpha = 2 * rank)")
+  targets = peft_config.get("targets", LORA_DEFAULT_TARGETS)
+  if not isinstance(targets, str):
+    raise ConfigError(f"config.peft.targets={targets!r} must be one regex string, e.g. "
+                      r"'attention/(query|value)/kernel$'")
+  _check_regex("config.peft.targets", targets)
+
+
 def init_from_renames(init_config) -> list[tuple[str, str]]:
   """`config.init_from.rename` as [(regex, replacement)], each checked."""
   pairs = []
@@ -415,6 +458,16 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _check_evals(config.evals)
   init_from_renames(config.init_from)
   init_from_skips(config.init_from)
+  if "peft" in config:
+    check_peft(config.peft)
+    if config.peft.get("save_trainable_only", False) and not (
+        config.peft.method and config.init_from.checkpoint):
+      raise ConfigError(
+          f"config.peft.save_trainable_only=True with config.peft.method="
+          f"{config.peft.method!r} and config.init_from.checkpoint="
+          f"{config.init_from.checkpoint!r}: checkpoints without the frozen base need a peft "
+          "method (something frozen) and the base to re-read from config.init_from.checkpoint;"
+          " set both, or save_trainable_only=False")
   if config.init_from.step < 0:
     raise ConfigError(f"config.init_from.step={config.init_from.step} must be >= 0 (0 = the "
                       "latest checkpoint)")

@@ -79,7 +79,7 @@ def load(config: ml_collections.ConfigDict, checkpoint: str, *, step: int | None
   """The params of a train.py checkpoint of `config` (its family and model)."""
   config_lib.validate(config)
   family = families.build(config)
-  model = state_lib.Model(config.model)
+  model = state_lib.Model.from_config(config)
   mesh = sharding.make_mesh(config.mesh)
   restored = restore.restore_params(
       checkpoint, model, mesh, config.sharding_rules, step=step,

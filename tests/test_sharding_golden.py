@@ -60,6 +60,7 @@ class Family:
   arg: str
   overrides: tuple[tuple[str, object], ...] = ()  # (dotted key under config.model, value)
   why: str = ""  # what this entry covers beyond the default config
+  peft: tuple[tuple[str, object], ...] = ()  # config.peft (key, value) pairs: LoRA factors
 
   def model_config(self) -> ml_collections.ConfigDict:
     model = load_config(self.config, self.arg).model.to_dict()
@@ -73,8 +74,17 @@ class Family:
       node[leaf] = value
     return ml_collections.ConfigDict(model)
 
+  def peft_config(self) -> ml_collections.ConfigDict | None:
+    if not self.peft:
+      return None
+    peft = config_lib.base_config().peft
+    for key, value in self.peft:
+      peft[key] = value
+    return peft
+
   def describe(self) -> str:
     over = "".join(f" {k}={v!r}" for k, v in self.overrides)
+    over += "".join(f" peft.{k}={v!r}" for k, v in self.peft)
     return f"configs/{self.config}.py:{self.arg}{over}"
 
 
@@ -82,6 +92,13 @@ FAMILIES = {
     "decoder": Family("decoder_lm", "size=small"),
     "decoder_scanned": Family("decoder_lm", "size=small", overrides=(("scan_layers", True),),
                               why="stacked blocks: a leading 'layers' axis, replicated"),
+    "decoder_lora": Family("decoder_lm", "size=small", peft=(("method", "lora"),),
+                           why="LoRA factors: A the kernel's input axes + an unsharded rank "
+                               "axis, B the rank axis + the output axes"),
+    "decoder_scanned_lora": Family("decoder_lm", "size=small",
+                                   overrides=(("scan_layers", True),),
+                                   peft=(("method", "lora"),),
+                                   why="LoRA on stacked blocks: 'layers' leads both factors"),
     "hybrid": Family("hybrid_lm", "size=small"),
     "hybrid_mamba2": Family("hybrid_lm", "size=small,mamba=2",
                             why="Mamba-2 layers: per-head A_log / D / dt_bias, gated norm"),
@@ -104,7 +121,7 @@ def abstract_mesh() -> AbstractMesh:
 @functools.cache
 def build_model(family: str) -> state_lib.Model:
   """The abstract model (nnx.eval_shape), once per family per session."""
-  return state_lib.Model(FAMILIES[family].model_config())
+  return state_lib.Model(FAMILIES[family].model_config(), FAMILIES[family].peft_config())
 
 
 # ------------------------------------------------------------------ golden lines

@@ -65,7 +65,7 @@ def evaluate(config: ml_collections.ConfigDict, checkpoint: str, *, step: int | 
   mesh = sharding.make_mesh(config.mesh)
   rules = config.sharding_rules
   trainer.check_batch(config, mesh)
-  model = state_lib.Model(config.model)
+  model = state_lib.Model.from_config(config)
 
   # The trainer's state layout, to place what is read exactly as training did.
   tx, _ = trainer.make_optimizer(config, model)

@@ -14,7 +14,8 @@ model matched by a `skip` regex keep their fresh initialisation; source params m
 `skip` regex (before or after renaming) are dropped. Anything else that does not line up (a
 param of this model with no source, a source param with no target, a shape that differs) is
 an error listing every one of them, before any parameter is read. A dtype that differs is
-cast to the model's.
+cast to the model's. A LoRA model's factors (`config.peft`) keep their fresh init when the
+source has none (the usual pretrain -> LoRA finetune).
 
 `hf:<dir>` sources (imported Hugging Face weights) are the next step (see the issue tracker).
 """
@@ -30,6 +31,7 @@ import jax
 from metalm_jax import config as config_lib
 from metalm_jax.train import checkpoint as checkpoint_lib
 from metalm_jax.train import optimizer as optimizer_lib
+from metalm_jax.train import peft
 from metalm_jax.train import restore
 
 logger = logging.getLogger(__name__)
@@ -42,6 +44,11 @@ class InitFromMismatchError(checkpoint_lib.CheckpointMismatchError):
 def _flat(tree) -> dict[str, Any]:
   return {optimizer_lib.path_str(path): leaf
           for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def flat_params(tree) -> dict[str, Any]:
+  """{'/'-joined path: leaf} of a params tree (what `merge` takes)."""
+  return _flat(tree)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -132,10 +139,13 @@ def load(init_config, abstract_params, param_shardings) -> tuple[dict, dict]:
     source = _flat(saved)
     targets = _flat(abstract_params)
     shardings = _flat(param_shardings)
+    skip = config_lib.init_from_skips(init_config)
+    if not any(peft.is_factor(k) for k in source):
+      # LoRA factors of this model start fresh from a source without them (pretrain -> LoRA).
+      skip = skip + (peft.FACTOR_PATTERN,)
     p = plan({k: tuple(v.shape) for k, v in source.items()},
              {k: tuple(v.shape) for k, v in targets.items()},
-             rename=config_lib.init_from_renames(init_config),
-             skip=config_lib.init_from_skips(init_config), where=where)
+             rename=config_lib.init_from_renames(init_config), skip=skip, where=where)
     wanted = {src: tgt for tgt, src in p.source_of.items()}
     # The saved tree, restricted to the params used, each placed as its target.
     def target(key_path, leaf):

@@ -22,6 +22,7 @@ import orbax.checkpoint as ocp
 
 from metalm_jax import sharding
 from metalm_jax.train import checkpoint as checkpoint_lib
+from metalm_jax.train import peft as peft_lib
 
 logger = logging.getLogger(__name__)
 
@@ -223,7 +224,9 @@ def check_param_shapes(manager: ocp.CheckpointManager, step: int, abstract_param
     raise checkpoint_lib.CheckpointMismatchError(
         f"the parameters of {where} do not fit the configured model ({len(differ)} shapes "
         f"differ, {len(missing)} missing, {len(extra)} extra):\n" + "\n".join(lines) +
-        "\nPass the config the checkpoint was trained with.")
+        "\nPass the config the checkpoint was trained with" +
+        (" (its config.peft: the checkpoint has LoRA factors, lora_a / lora_b)"
+         if any(peft_lib.is_factor(k) for k in extra + missing) else "") + ".")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -284,15 +287,52 @@ def restore_params(checkpoint: str, model, mesh, rules, *, step: int | None = No
     saved = saved_config(manager, directory, step)
     if check_config is not None:
       check_config(saved, where)
-    check_param_shapes(manager, step, model.abstract_params, where)
     param_shardings = sharding.state_shardings(model.abstract_params, model.logical_specs,
                                                mesh, rules)
     place = lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s)
-    item = {"params": jax.tree.map(place, model.abstract_params, param_shardings)}
+    wanted = jax.tree.map(place, model.abstract_params, param_shardings)
+    base_from = _trainable_only_base(saved, model, where)
+    if base_from is not None:  # config.peft.save_trainable_only: the trained params alone
+      keep = _saved_paths_mask(manager, step, model.abstract_params)
+      wanted = peft_lib.subset(wanted, keep)
+    check_param_shapes(manager, step, wanted, where)
+    item = {"params": wanted}
     if abstract_extra is not None:
       item["extra"] = jax.tree.map(place, abstract_extra, extra_shardings)
     state = read_state_items(manager, step, item, where=where)
   finally:
     manager.close()
-  return Restored(params=state["params"], step=int(step), saved_config=saved,
+  params = state["params"]
+  if base_from is not None:
+    from metalm_jax.train import init_from as init_from_lib  # local: init_from imports restore
+
+    base, _ = init_from_lib.load(base_from, model.abstract_params, param_shardings)
+    params = init_from_lib.merge(model.abstract_params,
+                                 {**base, **init_from_lib.flat_params(params)})
+  return Restored(params=params, step=int(step), saved_config=saved,
                   directory=directory, workdir=workdir, extra=state.get("extra"))
+
+
+def _trainable_only_base(saved: dict | None, model, where: str):
+  """`config.init_from` of a checkpoint saved with config.peft.save_trainable_only (where
+  its frozen base is read from), or None for a checkpoint that holds every param."""
+  peft = (saved or {}).get("peft") or {}
+  if not peft.get("save_trainable_only"):
+    return None
+  if model.peft is None:
+    raise checkpoint_lib.CheckpointMismatchError(
+        f"{where} holds only the params peft method {peft.get('method')!r} trains "
+        "(config.peft.save_trainable_only); pass the config it was trained with (its "
+        "config.peft)")
+  return ml_collections.ConfigDict(saved["init_from"])
+
+
+def _saved_paths_mask(manager, step: int, abstract_params) -> Any:
+  """Bool tree like `abstract_params`: True where the checkpoint holds the param."""
+  meta = manager.item_metadata(step)["state"]
+  saved = getattr(meta, "tree", meta).get("params", {})
+  have = {"/".join(str(getattr(k, "key", k)) for k in path)
+          for path, _ in jax.tree_util.tree_flatten_with_path(saved)[0]}
+  return jax.tree_util.tree_map_with_path(
+      lambda path, _: "/".join(str(getattr(k, "key", k)) for k in path) in have,
+      abstract_params)

@@ -20,6 +20,7 @@ from flax import nnx
 from metalm_jax import config as config_lib
 from metalm_jax import models
 from metalm_jax import sharding
+from metalm_jax.train import peft as peft_lib
 
 
 @flax.struct.dataclass
@@ -48,29 +49,75 @@ class Model:
 
   Built from `jax.eval_shape`, so no parameter memory is touched: `abstract_params` (shapes)
   and `logical_specs` ({param path: logical PartitionSpec}) drive the sharded initialisation.
+
+  With `peft_config` (`config.peft`, train/peft.py) method 'lora', the params hold LoRA factors
+  beside each target kernel (`lora_targets`) and `merge` builds the adapted kernels from them;
+  with any method, `merge` stops the gradient of the params peft freezes.
   """
 
-  def __init__(self, model_config):
+  def __init__(self, model_config, peft_config=None):
     self.config = model_config
+    self.peft = peft_config if peft_lib.method(peft_config) else None
     abstract = nnx.eval_shape(lambda: build_model(model_config, nnx.Rngs(0)))
     self.graphdef, self._abstract_param_state, _ = nnx.split(abstract, nnx.Param, ...)
     self.abstract_params = self._abstract_param_state.to_pure_dict()
     self.logical_specs = sharding.param_logical_specs(self._abstract_param_state)
+    self.lora_targets: list[peft_lib.Target] = []
+    method = peft_lib.method(self.peft)
+    if method == "lora":
+      self.lora_targets = peft_lib.lora_targets(
+          self.abstract_params, self.logical_specs, self.peft,
+          frozen=_encoder_frozen(model_config, self.abstract_params))
+      self.abstract_params = peft_lib.add_abstract_factors(
+          self.abstract_params, self.lora_targets, self.peft.rank)
+      self.logical_specs = {**self.logical_specs,
+                            **peft_lib.factor_logical_specs(self.lora_targets)}
+    elif method == "bitfit":
+      peft_lib.check_bitfit(self.abstract_params)
+
+  @classmethod
+  def from_config(cls, config) -> "Model":
+    """The model of a whole training config: `config.model` with `config.peft`."""
+    return cls(config.model, config.get("peft"))
 
   def init(self, rng: jax.Array) -> tuple[dict, nnx.State]:
     """(params as a pure dict, the non-parameter module state: empty for the decoder)."""
     model = build_model(self.config, nnx.Rngs(rng))
     _, params, rest = nnx.split(model, nnx.Param, ...)
-    return params.to_pure_dict(), rest
+    params = params.to_pure_dict()
+    if self.lora_targets:
+      params = peft_lib.init_factors(params, self.lora_targets, self.peft.rank,
+                                     jax.random.fold_in(rng, 0x10A))
+    return params, rest
+
+  def plain_params(self, params: Mapping) -> dict:
+    """The params of the original model (LoRA factors merged into their kernels)."""
+    if self.lora_targets:
+      return peft_lib.merge_lora(params, float(self.peft.alpha))
+    return params
 
   def merge(self, params: Mapping, rest: nnx.State):
-    """Rebuilds the module from a pure params dict (inside or outside jit)."""
+    """Rebuilds the module from a pure params dict (inside or outside jit). With peft: the
+    frozen params' gradient stopped, LoRA factors merged into their kernels."""
+    if self.peft is not None:
+      params = self.plain_params(peft_lib.stop_frozen_gradients(params, self.peft))
     param_state = jax.tree.map(lambda v: v, self._abstract_param_state)  # fresh copy
     nnx.replace_by_pure_dict(param_state, params)
     return nnx.merge(self.graphdef, param_state, rest)
 
   def param_count(self) -> int:
     return sum(int(x.size) for x in jax.tree.leaves(self.abstract_params))
+
+
+def _encoder_frozen(model_config, abstract_params) -> Any:
+  """True where `config.model.trainable_encoder_layers` freezes a param (None if unset)."""
+  from metalm_jax.train import optimizer as optimizer_lib  # local: optimizer imports no state
+
+  layers = dict(model_config).get("trainable_encoder_layers", -1)
+  if layers is None or layers < 0:
+    return None
+  mask = optimizer_lib.trainable_mask(abstract_params, trainable_layers=layers)
+  return jax.tree.map(lambda t: not t, mask)
 
 
 # (params, PRNG key) -> the family's extra state (traced inside the init jit).

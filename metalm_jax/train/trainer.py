@@ -29,6 +29,7 @@ from metalm_jax.train import checkpoint as checkpoint_lib
 from metalm_jax.train import init_from as init_from_lib
 from metalm_jax.train import metrics as metrics_lib
 from metalm_jax.train import optimizer as optimizer_lib
+from metalm_jax.train import peft as peft_lib
 from metalm_jax.train import preemption
 from metalm_jax.train import state as state_lib
 from metalm_jax.train import step as step_lib
@@ -63,16 +64,51 @@ def check_batch(config: ml_collections.ConfigDict, mesh) -> None:
         "--config.batch_size or --config.mesh.* for this machine")
 
 
-def make_optimizer(config: ml_collections.ConfigDict, model: state_lib.Model):
-  """(tx, schedule) of `config.optimizer`, with a docked encoder's lower layers frozen when
-  `config.model.trainable_encoder_layers >= 0`."""
+def trainable_params(config: ml_collections.ConfigDict, model: state_lib.Model):
+  """Bool tree like the params (None: all train): a docked encoder's lower layers frozen when
+  `config.model.trainable_encoder_layers >= 0`, and what `config.peft` freezes (LoRA: all but
+  the factors; BitFit: all but biases and norms). `config.optimizer.freeze` comes on top in
+  `optimizer.make_optimizer`."""
   trainable = None
   layers = dict(config.model).get("trainable_encoder_layers", -1)
   if layers is not None and layers >= 0:
     trainable = optimizer_lib.trainable_mask(model.abstract_params, trainable_layers=layers)
+  if model.peft is not None:
+    mask = peft_lib.trainable_mask(model.abstract_params, model.peft)
+    trainable = mask if trainable is None else jax.tree.map(
+        lambda a, b: bool(a and b), trainable, mask)
+  return trainable
+
+
+def saved_part_fn(config: ml_collections.ConfigDict, model: state_lib.Model):
+  """state (or its shardings) -> what a checkpoint holds: all of it, or with
+  `config.peft.save_trainable_only` the params restricted to the trained ones."""
+  if not peft_lib.saves_trainable_only(config):
+    return lambda state: state
+  keep = trainable_params(config, model)
+  return lambda state: state.replace(params=peft_lib.subset(state.params, keep))
+
+
+def make_optimizer(config: ml_collections.ConfigDict, model: state_lib.Model):
+  """(tx, schedule) of `config.optimizer`, with the params `trainable_params` freezes frozen
+  (zero updates, no optimizer state)."""
   tx = optimizer_lib.make_optimizer(config.optimizer, config.num_train_steps,
-                                    model.abstract_params, trainable=trainable)
+                                    model.abstract_params,
+                                    trainable=trainable_params(config, model))
   return tx, optimizer_lib.learning_rate_schedule(config.optimizer, config.num_train_steps)
+
+
+def trainable_summary(config: ml_collections.ConfigDict, model: state_lib.Model, tx) -> str:
+  """'peft lora r=8: 12,288 trainable of 620,704 params (1.98%); optimizer state 98.0 KB'
+  (every freeze counted: encoder layers, config.peft, config.optimizer.freeze)."""
+  trainable = trainable_params(config, model)
+  frozen = config_lib.freeze_patterns(config.optimizer)
+  if frozen:
+    regex = optimizer_lib.regex_trainable_mask(model.abstract_params, frozen)
+    trainable = regex if trainable is None else jax.tree.map(
+        lambda a, b: bool(a and b), trainable, regex)
+  return peft_lib.summary(model.peft, model.abstract_params, trainable,
+                          jax.eval_shape(tx.init, model.abstract_params))
 
 
 def eval_context(config, family, model, rest, mesh, state_shardings, batch_shardings,
@@ -164,7 +200,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
               jax.process_count(), family.name)
 
   # ---------------------------------------------------------------- model and input
-  model = state_lib.Model(config.model)
+  model = state_lib.Model.from_config(config)
   family.check_model(model)
   local_batch = config.batch_size // jax.process_count()
   train_iter = iter(family.train_dataset(batch_size=local_batch,
@@ -177,16 +213,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   # a trainer step is one micro-batch; `schedule(step)` is the rate its group's update uses.
   tx, schedule = make_optimizer(config, model)
   logger.info("model %s: %s parameters", config.model.name, f"{model.param_count():,}")
+  logger.info("%s", trainable_summary(config, model, tx))
 
   # ---------------------------------------------------------------- sharded init / restore
   rng = jax.random.key(config.seed)
   state, state_shardings, rest = state_lib.create_train_state(
       model, tx, rng, mesh, rules, init_extra=family.init_extra)
   checkpointer = checkpoint_lib.Checkpointer(workdir, keep=config.keep_checkpoints)
-  abstract = jax.eval_shape(lambda: state)
+  saved_part = saved_part_fn(config, model)  # what a checkpoint holds of the state
+  abstract = jax.eval_shape(lambda: saved_part(state))
   restored, restored_step = checkpointer.restore_latest_good(
-      abstract, state_shardings, train_iter, worker_count=config.data.worker_count)
+      abstract, saved_part(state_shardings), train_iter, worker_count=config.data.worker_count)
   if restored is not None:
+    if peft_lib.saves_trainable_only(config):  # the frozen base from config.init_from
+      base = start_from(config, family, state, state_shardings, rng)
+      restored = restored.replace(params=init_from_lib.merge(
+          base.params, init_from_lib.flat_params(restored.params)))
     state = restored
     logger.info("resumed from step %d in %s", restored_step, checkpointer.directory)
   elif config.init_from.checkpoint:
@@ -244,7 +286,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         stopped = None if last_step else stop.requested()
         # Checkpoint first: a kill during a long evaluation loses no training.
         if step % config.checkpoint_every_steps == 0 or last_step or stopped:
-          checkpointer.save(step, state, train_iter, config_dict, force=bool(stopped))
+          checkpointer.save(step, saved_part(state), train_iter, config_dict,
+                            force=bool(stopped))
         if last_step:
           checkpointer.wait()
         if stopped:
