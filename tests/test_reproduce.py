@@ -14,7 +14,7 @@ from metalm_jax import tables
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "experiments", "reproduce.py")
-TRAINING_TABLES = ("mplug", "metalm_vl", "metalm_multitask", "metalm_digits", "mplug_digits")
+TRAINING_TABLES = tuple(tables.names())  # every configs/tables/*.py
 TABLES = TRAINING_TABLES + ("hybrid_latency", "hybrid_frames")
 # The rows the tables ask for, in order.
 EXPECTED_TASKS = {
