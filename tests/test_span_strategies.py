@@ -305,3 +305,33 @@ def test_scored_predictions_never_see_their_target(strategy):
   assert scored.size > 30
   for i in scored:
     np.testing.assert_allclose(new[i, i], base[i, i], atol=1e-5, err_msg=f'position {i}')
+
+
+# ---------------------------------------------------------------- the table from real data
+def test_unigram_counts_of_the_train_split_are_cached_and_feed_the_family(pydoc_data_dir):
+  from metalm_jax import families
+  from metalm_jax.data import tokenizers
+
+  tokenizer = tokenizers.get_tokenizer('sentencepiece', dataset='pydoc_topics',
+                                       data_dir=pydoc_data_dir, vocab_size=512)
+  path = unigram.cache_path(tokenizer, 'pydoc_topics', 'train', pydoc_data_dir)
+  assert path.endswith('tokenizers/pydoc_topics_sp512.pydoc_topics_train.unigram.npy')
+  counts = unigram.unigram_counts('pydoc_topics', tokenizer, data_dir=pydoc_data_dir)
+  assert counts.shape == (512,) and counts.dtype == np.int64
+  assert counts[tokenizer.bos_id] == counts[tokenizer.eos_id] > 0  # one each per document
+  np.testing.assert_array_equal(np.load(path), counts)
+  np.save(path, counts + 1)  # the cache is what is read next time
+  np.testing.assert_array_equal(unigram.unigram_counts('pydoc_topics', tokenizer,
+                                                       data_dir=pydoc_data_dir), counts + 1)
+  np.save(path, counts)
+  # config.spans.strategy='saliency' on the lm family: its training prepare uses the table.
+  config = _metalm_config('saliency')
+  with config.unlocked():
+    config.data.data_dir = pydoc_data_dir
+    config.data.vocab_size = 512
+  family = families.build(config)
+  prepare = family.prepare
+  assert prepare.keywords['strategy'] == 'saliency'
+  np.testing.assert_allclose(prepare.keywords['score_table'], masking.unigram_scores(counts))
+  assert family.objective.prepare is semi_causal_lm.prepare  # held-out rows: random spans
+  assert families.build(_metalm_config('random')).prepare is semi_causal_lm.prepare
