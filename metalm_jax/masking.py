@@ -7,7 +7,9 @@ A row's non-causal spans are described three equivalent ways, all with static sh
                                unused slots have length 0 (and start 0)
   span_ids          int32 [L]  0 = causal position, m + 1 = inside span m
 
-`sample_spans` (NumPy, runs per packed row in the grain pipeline) draws them;
+`sample_spans` (NumPy, runs per packed row in the grain pipeline) draws them, with a span
+selection strategy (`SPAN_STRATEGIES`, `config.spans.strategy`: 'random', 'length_aware',
+'saliency'; the saliency scores come from `unigram_scores` / `saliency_scores`);
 `span_ids_from_spans` converts; `span_loss_weights` and `semi_causal_mask` (jnp, inside the
 jitted loss / model) derive the loss weights and the single-stack attention mask. Slow,
 obvious loop references of the last two live in tests/test_masking.py.
