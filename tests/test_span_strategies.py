@@ -4,6 +4,7 @@ The shared guarantees are tested over every strategy in tests/test_masking.py (t
 adversarial layouts); here: 'random' is the original sampler draw for draw, what each other
 strategy is for, the unigram table, the config key, the prepare and the no-leak property.
 """
+import json
 import pickle
 
 import jax.numpy as jnp
@@ -335,3 +336,21 @@ def test_unigram_counts_of_the_train_split_are_cached_and_feed_the_family(pydoc_
   np.testing.assert_allclose(prepare.keywords['score_table'], masking.unigram_scores(counts))
   assert family.objective.prepare is semi_causal_lm.prepare  # held-out rows: random spans
   assert families.build(_metalm_config('random')).prepare is semi_causal_lm.prepare
+
+
+@pytest.mark.slow
+def test_metalm_trains_with_saliency_spans(pydoc_data_dir, tmp_path):
+  """configs/metalm_lm.py:spans=saliency trains (2 steps) end to end: the table is counted,
+  the grain pipeline runs the saliency prepare, the loss sees ~25% of tokens in spans."""
+  from metalm_jax.train import trainer
+
+  config = config_lib.config_module('metalm_lm').get_config('size=test,spans=saliency')
+  with config.unlocked():
+    config.data.data_dir = pydoc_data_dir
+    config.num_train_steps = config.eval_every_steps = config.checkpoint_every_steps = 2
+    config.log_every_steps = 1
+  result = trainer.train_and_evaluate(config, str(tmp_path))
+  assert result['step'] == 2 and np.isfinite(result['train_loss'])
+  rows = [json.loads(line) for line in open(tmp_path / 'metrics.jsonl')]
+  fractions = [r['span_fraction'] for r in rows if 'span_fraction' in r]
+  assert fractions and all(0.2 < f <= 0.3 for f in fractions), fractions
