@@ -336,6 +336,13 @@ def test_unigram_counts_of_the_train_split_are_cached_and_feed_the_family(pydoc_
   np.testing.assert_allclose(prepare.keywords['score_table'], masking.unigram_scores(counts))
   assert family.objective.prepare is semi_causal_lm.prepare  # held-out rows: random spans
   assert families.build(_metalm_config('random')).prepare is semi_causal_lm.prepare
+  # The training batches carry saliency spans: they hold nearly all of the batch's rarest
+  # tokens (measured 0.96; random spans hold ~their coverage, 0.25: measured 0.27).
+  batch = next(iter(family.train_dataset(batch_size=8, process_index=0, process_count=1)))
+  scores = masking.unigram_scores(counts)[batch['inputs']]
+  inside, real = batch['span_ids'] > 0, batch['segment_ids'] > 0
+  rare = real & (scores > np.quantile(scores[real], 0.95))
+  assert (rare & inside).sum() / rare.sum() > 0.6
 
 
 @pytest.mark.slow
