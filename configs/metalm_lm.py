@@ -11,6 +11,8 @@ Arguments (comma-separated `key=value`):
   mode       dual (default: semi-causal LM, encoder docked) | single (one stack with the
              semi-causal mask) | causal (the equal-decoder causal-only baseline)
   connector  linear (default) | mlp | resampler
+  spans      random (default) | length_aware | saliency: which spans go to the encoder
+             (config.spans.strategy; docs/training.md "Which spans go to the encoder").
   runlocal   1 = 20 steps, a smoke run.
 
 Spans (objective `semi_causal_lm`): 25% of the tokens in spans of seq_len/32 .. seq_len/16
@@ -78,7 +80,8 @@ def model_config(size: str, mode: str = "dual", connector: str = "linear") -> di
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  args = config_lib.parse_config_args(arg, size="tiny", mode="dual", connector="linear", runlocal="0")
+  args = config_lib.parse_config_args(arg, size="tiny", mode="dual", connector="linear",
+                                      spans="random", runlocal="0")
   s = SIZES.get(args["size"])
   if s is None:
     raise ValueError(f"size={args['size']!r}; valid sizes: {sorted(SIZES)}")
@@ -86,6 +89,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.model = ml_collections.ConfigDict(
       model_config(args["size"], args["mode"], args["connector"]))
   config.objective = "semi_causal_lm"
+  if args["spans"] not in masking.SPAN_STRATEGIES:
+    raise ValueError(f"spans={args['spans']!r}; valid: {list(masking.SPAN_STRATEGIES)}")
+  config.spans.strategy = args["spans"]
   config.data.vocab_size = min(s["vocab"], 8192)  # what the bundled corpus supports
   config_lib.set_schedule(config, seq_len=s["seq_len"], batch=s["batch"], steps=s["steps"],
                           lr=s["lr"], test=args["size"] == "test",

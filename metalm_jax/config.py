@@ -16,6 +16,7 @@ from typing import Any
 import ml_collections
 
 from metalm_jax import checks
+from metalm_jax import masking
 from metalm_jax import models
 from metalm_jax import sharding
 
@@ -63,6 +64,14 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.vqa_answers = "sample"  # mplug VQA finetuning: 'sample' a human answer or 'majority'
 
   c.objective = "causal_lm"
+  # Which spans of a row semi_causal_lm sends to the encoder (family 'lm', objective
+  # 'semi_causal_lm'; metalm_jax.masking.sample_spans, docs/training.md): 'random' (uniform
+  # lengths and starts), 'length_aware' (longer documents get longer spans) or 'saliency'
+  # (spans centred on rare tokens: -log unigram frequency of the training split, cached beside
+  # the tokenizer). Same span settings and guarantees for all three.
+  c.spans = ml_collections.ConfigDict()
+  c.spans.strategy = "random"
+  c.spans.temperature = 0.25  # saliency: centres drawn with probability ~ exp(score / T)
 
   c.batch_size = 16  # global batch, split over processes and the mesh's batch axes
   c.num_train_steps = 1000
@@ -368,6 +377,28 @@ def check_peft(peft_config) -> None:
   _check_regex("config.peft.targets", targets)
 
 
+def check_spans(config) -> None:
+  """`config.spans`: a known strategy, a temperature > 0, and a non-default strategy only
+  where spans are sampled (family 'lm' with objective 'semi_causal_lm')."""
+  spans = config.get("spans") or {}
+  strategy = spans.get("strategy", "random")
+  if strategy not in masking.SPAN_STRATEGIES:
+    raise ConfigError(f"config.spans.strategy={strategy!r} is not a span strategy; valid: "
+                      f"{list(masking.SPAN_STRATEGIES)} (e.g. --config.spans.strategy=random)")
+  temperature = spans.get("temperature", 0.25)
+  if (isinstance(temperature, bool) or not isinstance(temperature, (int, float))
+      or not 0 < temperature < float("inf")):
+    raise ConfigError(f"config.spans.temperature={temperature!r} must be a finite number > 0 "
+                      "(saliency: lower concentrates spans on the rarest tokens; e.g. 0.25)")
+  if strategy != "random" and (config.get("objective") != "semi_causal_lm"
+                               or config.get("family", "lm") != "lm"):
+    raise ConfigError(
+        f"config.spans.strategy={strategy!r} is only read by objective 'semi_causal_lm' in "
+        f"family 'lm' (this config: objective={config.get('objective')!r}, family="
+        f"{config.get('family', 'lm')!r}); set config.spans.strategy='random' or "
+        "config.objective='semi_causal_lm'")
+
+
 def init_from_renames(init_config) -> list[tuple[str, str]]:
   """`config.init_from.rename` as [(regex, replacement)], each checked."""
   pairs = []
@@ -456,6 +487,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
       raise ConfigError(f"config.{key}={config[key]} must be positive")
   _check_optimizer(config)
   _check_evals(config.evals)
+  check_spans(config)
   init_from_renames(config.init_from)
   init_from_skips(config.init_from)
   if "peft" in config:

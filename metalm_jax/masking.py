@@ -7,7 +7,9 @@ A row's non-causal spans are described three equivalent ways, all with static sh
                                unused slots have length 0 (and start 0)
   span_ids          int32 [L]  0 = causal position, m + 1 = inside span m
 
-`sample_spans` (NumPy, runs per packed row in the grain pipeline) draws them;
+`sample_spans` (NumPy, runs per packed row in the grain pipeline) draws them, with a span
+selection strategy (`SPAN_STRATEGIES`, `config.spans.strategy`: 'random', 'length_aware',
+'saliency'; the saliency scores come from `unigram_scores` / `saliency_scores`);
 `span_ids_from_spans` converts; `span_loss_weights` and `semi_causal_mask` (jnp, inside the
 jitted loss / model) derive the loss weights and the single-stack attention mask. Slow,
 obvious loop references of the last two live in tests/test_masking.py.
@@ -39,9 +41,26 @@ def free_run_lengths(doc_ids: np.ndarray, free: np.ndarray) -> np.ndarray:
   return np.where(free, nearest_end - positions + 1, 0)
 
 
+SPAN_STRATEGIES = ('random', 'length_aware', 'saliency')
+
+
 def sample_spans(doc_ids: np.ndarray, rng: np.random.Generator, *, ratio: float,
-                 min_len: int, max_len: int, max_spans: int) -> tuple[np.ndarray, np.ndarray]:
+                 min_len: int, max_len: int, max_spans: int, strategy: str = 'random',
+                 scores: np.ndarray | None = None,
+                 temperature: float = 0.25) -> tuple[np.ndarray, np.ndarray]:
   """Draws non-overlapping spans inside single documents covering about `ratio` of tokens.
+
+  `strategy` picks which spans (`SPAN_STRATEGIES`; config key `config.spans.strategy`):
+    'random'        the length uniform in [min_len, max_len], the start uniform (below);
+    'length_aware'  a document first, then a length that grows with the document's length
+                    (short documents get short spans, long documents long ones);
+    'saliency'      spans centred on informative tokens: a centre drawn with probability
+                    proportional to exp(scores[i] / temperature) among free positions
+                    (`scores` float [L]: e.g. `saliency_scores(ids, unigram_scores(counts))`,
+                    -log frequency, or per-token losses of a model: any higher-is-salient
+                    score works).
+  Every strategy shares the guarantees below and the capping of steps 2-3; only the draws of
+  the length and of the position differ. 'random' is the original sampler, draw for draw.
 
   The target is T = round(ratio * #non-padding tokens). Spans are placed one at a time:
     1. a length is drawn uniform in [min_len, max_len];
@@ -60,6 +79,14 @@ def sample_spans(doc_ids: np.ndarray, rng: np.random.Generator, *, ratio: float,
   min_len span can be placed, so coverage ends at T exactly when step 3 could arrange it,
   and otherwise above it by less than min_len.
 
+  'length_aware' instead draws a free position uniformly among those that start a min_len
+  stretch, takes its document d (n_d tokens in the row of L) and draws the length as
+  min_len + Binomial(max_len - min_len, n_d / L) (mean proportional to n_d); steps 2-3 then
+  cap it by d's longest free stretch, and the start is uniform inside d.
+  'saliency' draws the centre c (step 4 first), the length as in step 1, caps it by the
+  free stretch holding c (steps 2-3) and places the span as centred on c as that stretch
+  allows.
+
   Guarantees: every span lies inside one document (padding, id 0, is never covered), spans
   never overlap, min_len <= length <= max_len, coverage < T + min_len, and the same
   generator state gives the same spans.
@@ -70,6 +97,9 @@ def sample_spans(doc_ids: np.ndarray, rng: np.random.Generator, *, ratio: float,
     ratio: target fraction of non-padding tokens inside spans, in [0, 1).
     min_len, max_len: span length bounds, 1 <= min_len <= max_len.
     max_spans: the static number of span slots M.
+    strategy: one of `SPAN_STRATEGIES`.
+    scores: float [L], 'saliency' only (required there): higher = more salient.
+    temperature: 'saliency' only, > 0: lower concentrates centres on the top scores.
 
   Returns:
     (starts, lengths), int32 [max_spans] each, sorted by start with the used spans first;
@@ -81,7 +111,50 @@ def sample_spans(doc_ids: np.ndarray, rng: np.random.Generator, *, ratio: float,
     raise ValueError(f'need 1 <= min_len <= max_len, got min_len={min_len}, max_len={max_len}.')
   if max_spans < 1:
     raise ValueError(f'max_spans={max_spans} must be >= 1.')
-  doc_ids = np.asarray(doc_ids)
+  if strategy not in SPAN_STRATEGIES:
+    raise ValueError(f'strategy={strategy!r} is not a span strategy; valid: '
+                     f'{list(SPAN_STRATEGIES)}.')
+  kw = dict(ratio=ratio, min_len=min_len, max_len=max_len, max_spans=max_spans)
+  if strategy == 'random':
+    spans = _random_spans(np.asarray(doc_ids), rng, **kw)
+  elif strategy == 'length_aware':
+    spans = _length_aware_spans(np.asarray(doc_ids), rng, **kw)
+  else:
+    if scores is None:
+      raise ValueError("strategy='saliency' needs scores (float [L], higher = more salient), "
+                       'e.g. saliency_scores(row_ids, unigram_scores(counts)).')
+    if not temperature > 0:
+      raise ValueError(f'temperature={temperature} must be > 0.')
+    scores = np.asarray(scores, np.float64)
+    if scores.shape != np.shape(doc_ids):
+      raise ValueError(f'scores has shape {scores.shape}; expected {np.shape(doc_ids)} '
+                       '(one score per position).')
+    spans = _saliency_spans(np.asarray(doc_ids), rng, scores=scores,
+                            temperature=float(temperature), **kw)
+  starts = np.zeros(max_spans, np.int32)
+  lengths = np.zeros(max_spans, np.int32)
+  for m, (start, length) in enumerate(sorted(spans)):
+    starts[m], lengths[m] = start, length
+  return starts, lengths
+
+
+def _cap_length(length: int, *, remaining: int, room: int, min_len: int, max_len: int) -> int:
+  """Steps 2-3: a drawn `length` capped by `room` (a free stretch inside one document, >=
+  min_len) and the remaining target, avoiding remainders no span can fill."""
+  length = min(length, room)
+  if remaining >= min_len:
+    length = min(length, remaining)
+    if 0 < remaining - length < min_len:  # a remainder no span could fill exactly
+      if remaining <= min(max_len, room):
+        length = remaining
+      elif remaining - min_len >= min_len:
+        length = remaining - min_len
+  else:
+    length = min_len
+  return length
+
+
+def _random_spans(doc_ids, rng, *, ratio, min_len, max_len, max_spans):
   free = doc_ids != 0
   target = int(round(ratio * int(free.sum())))
   covered, spans = 0, []
@@ -90,26 +163,88 @@ def sample_spans(doc_ids: np.ndarray, rng: np.random.Generator, *, ratio: float,
     room = int(runs.max(initial=0))  # the longest free stretch inside one document
     if room < min_len:
       break
-    length = min(int(rng.integers(min_len, max_len + 1)), room)
-    remaining = target - covered
-    if remaining >= min_len:
-      length = min(length, remaining)
-      if 0 < remaining - length < min_len:  # a remainder no span could fill exactly
-        if remaining <= min(max_len, room):
-          length = remaining
-        elif remaining - min_len >= min_len:
-          length = remaining - min_len
-    else:
-      length = min_len
+    length = _cap_length(int(rng.integers(min_len, max_len + 1)), remaining=target - covered,
+                         room=room, min_len=min_len, max_len=max_len)
     start = int(rng.choice(np.flatnonzero(runs >= length)))
     free[start:start + length] = False
     spans.append((start, length))
     covered += length
-  starts = np.zeros(max_spans, np.int32)
-  lengths = np.zeros(max_spans, np.int32)
-  for m, (start, length) in enumerate(sorted(spans)):
-    starts[m], lengths[m] = start, length
-  return starts, lengths
+  return spans
+
+
+def _length_aware_spans(doc_ids, rng, *, ratio, min_len, max_len, max_spans):
+  free = doc_ids != 0
+  target = int(round(ratio * int(free.sum())))
+  row_length = doc_ids.shape[0]
+  covered, spans = 0, []
+  while len(spans) < max_spans and target - covered > 0:
+    runs = free_run_lengths(doc_ids, free)
+    candidates = np.flatnonzero(runs >= min_len)
+    if candidates.size == 0:
+      break
+    doc = doc_ids[int(rng.choice(candidates))]
+    in_doc = doc_ids == doc
+    doc_runs = np.where(in_doc, runs, 0)
+    share = int(in_doc.sum()) / row_length  # the document's length, relative to the row
+    length = min_len + int(rng.binomial(max_len - min_len, share))
+    length = _cap_length(length, remaining=target - covered, room=int(doc_runs.max()),
+                         min_len=min_len, max_len=max_len)
+    start = int(rng.choice(np.flatnonzero(doc_runs >= length)))
+    free[start:start + length] = False
+    spans.append((start, length))
+    covered += length
+  return spans
+
+
+def _saliency_spans(doc_ids, rng, *, ratio, min_len, max_len, max_spans, scores, temperature):
+  free = doc_ids != 0
+  target = int(round(ratio * int(free.sum())))
+  positions = np.arange(doc_ids.shape[0])
+  covered, spans = 0, []
+  while len(spans) < max_spans and target - covered > 0:
+    runs = free_run_lengths(doc_ids, free)
+    # Each free position's stretch: [block_start, block_start + block_len).
+    starts_block = free & ((positions == 0) | ~np.roll(free, 1) |
+                           (doc_ids != np.roll(doc_ids, 1)))
+    block_start = np.maximum.accumulate(np.where(starts_block, positions, 0))
+    block_len = np.where(free, runs[block_start], 0)
+    candidates = np.flatnonzero(block_len >= min_len)
+    if candidates.size == 0:
+      break
+    logits = scores[candidates] / temperature
+    weights = np.exp(logits - logits.max())
+    centre = int(rng.choice(candidates, p=weights / weights.sum()))
+    lo, room = int(block_start[centre]), int(block_len[centre])
+    length = _cap_length(int(rng.integers(min_len, max_len + 1)), remaining=target - covered,
+                         room=room, min_len=min_len, max_len=max_len)
+    start = min(max(centre - (length - 1) // 2, lo), lo + room - length)
+    free[start:start + length] = False
+    spans.append((start, length))
+    covered += length
+  return spans
+
+
+def unigram_scores(counts: np.ndarray) -> np.ndarray:
+  """Token id -> saliency, -log p(token) with add-one smoothing (rare tokens score high).
+
+  Args:
+    counts: int [V], how often each token id occurs in the training split
+      (`data.unigram.unigram_counts`).
+
+  Returns:
+    float32 [V], >= 0.
+  """
+  counts = np.asarray(counts, np.float64)
+  return (-np.log((counts + 1.0) / (counts.sum() + counts.shape[0]))).astype(np.float32)
+
+
+def saliency_scores(token_ids: np.ndarray, score_table: np.ndarray) -> np.ndarray:
+  """Per-position scores of a row: score_table[token_ids] (ids beyond the table score as the
+  rarest: the table's maximum)."""
+  token_ids = np.asarray(token_ids)
+  table = np.asarray(score_table, np.float32)
+  inside = (token_ids >= 0) & (token_ids < table.shape[0])
+  return np.where(inside, table[np.clip(token_ids, 0, table.shape[0] - 1)], table.max())
 
 
 def span_ids_from_spans(starts: np.ndarray, lengths: np.ndarray, length: int) -> np.ndarray:

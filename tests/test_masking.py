@@ -6,6 +6,20 @@ from hypothesis import given, settings, strategies as st
 from metalm_jax import masking
 from metalm_jax.models.metalm import span_ids_from_starts
 
+STRATEGIES = masking.SPAN_STRATEGIES
+
+
+def _scores(length, seed=0):
+  """Fixed per-position saliency scores (for 'saliency'; ignored by the others)."""
+  return np.random.default_rng(seed + 12345).exponential(2.0, length)
+
+
+def _sample(doc_ids, rng, strategy='random', seed=0, **kw):
+  """masking.sample_spans with `strategy`; 'saliency' gets `_scores`."""
+  if strategy == 'saliency':
+    kw.update(scores=_scores(len(doc_ids), seed))
+  return masking.sample_spans(doc_ids, rng, strategy=strategy, **kw)
+
 
 @st.composite
 def span_problems(draw):
@@ -21,12 +35,14 @@ def span_problems(draw):
   return doc_ids, ratio, min_len, max_len, max_spans, draw(st.integers(0, 2**31 - 1))
 
 
+@pytest.mark.parametrize('strategy', STRATEGIES)
 @settings(max_examples=150, deadline=None)
-@given(span_problems())
-def test_sample_spans_properties(problem):
+@given(problem=span_problems())
+def test_sample_spans_properties(strategy, problem):
   doc_ids, ratio, min_len, max_len, max_spans, seed = problem
-  kw = dict(ratio=ratio, min_len=min_len, max_len=max_len, max_spans=max_spans)
-  starts, lengths = masking.sample_spans(doc_ids, np.random.default_rng(seed), **kw)
+  kw = dict(ratio=ratio, min_len=min_len, max_len=max_len, max_spans=max_spans,
+            strategy=strategy, seed=seed)
+  starts, lengths = _sample(doc_ids, np.random.default_rng(seed), **kw)
   assert starts.shape == lengths.shape == (max_spans,)
   assert starts.dtype == lengths.dtype == np.int32
   used = lengths > 0
@@ -49,12 +65,13 @@ def test_sample_spans_properties(problem):
     free = (doc_ids != 0) & (covered == 0)
     no_room = masking.free_run_lengths(doc_ids, free).max(initial=0) < min_len
     assert used.sum() == max_spans or no_room
-  again = masking.sample_spans(doc_ids, np.random.default_rng(seed), **kw)
+  again = _sample(doc_ids, np.random.default_rng(seed), **kw)
   np.testing.assert_array_equal(again[0], starts)
   np.testing.assert_array_equal(again[1], lengths)
 
 
-def test_coverage_near_ratio_on_long_documents():
+@pytest.mark.parametrize('strategy', STRATEGIES)
+def test_coverage_near_ratio_on_long_documents(strategy):
   """Paper settings scaled to L=128 (lengths 4-8, 25%): coverage averages 25% +- 2%."""
   rng = np.random.default_rng(0)
   settings_ = masking.default_span_settings(128)
@@ -65,7 +82,7 @@ def test_coverage_near_ratio_on_long_documents():
   for _ in range(200):
     cuts = np.sort(rng.choice(np.arange(20, 110), size=2, replace=False))
     doc_ids = np.searchsorted(cuts, np.arange(128), side='right') + 1
-    starts, lengths = masking.sample_spans(doc_ids, rng, **settings_)
+    starts, lengths = _sample(doc_ids, rng, strategy, **settings_)
     fractions.append(lengths.sum() / 128)
   assert abs(np.mean(fractions) - 0.25) < 0.02
 
@@ -124,13 +141,14 @@ def test_span_ids_numpy_and_jnp_agree():
   np.testing.assert_array_equal(span_ids_from_starts(starts, lengths, 23), expected)
 
 
+@pytest.mark.parametrize('strategy', STRATEGIES)
 @pytest.mark.parametrize('bad, match', [
     (dict(ratio=1.0), 'ratio'), (dict(min_len=0), 'min_len'), (dict(min_len=5, max_len=4), 'min_len'),
     (dict(max_spans=0), 'max_spans')])
-def test_sample_spans_rejects_bad_settings(bad, match):
+def test_sample_spans_rejects_bad_settings(bad, match, strategy):
   kw = {**dict(ratio=0.25, min_len=2, max_len=4, max_spans=4), **bad}
   with pytest.raises(ValueError, match=match):
-    masking.sample_spans(np.ones(10, np.int32), np.random.default_rng(0), **kw)
+    _sample(np.ones(10, np.int32), np.random.default_rng(0), strategy, **kw)
 
 
 # ---------------------------------------------------------------- issue 21: lengths and coverage
@@ -158,8 +176,9 @@ def test_spans_in_short_documents_take_the_longest_length_that_fits():
   assert lengths.mean() > 67
 
 
+@pytest.mark.parametrize('strategy', STRATEGIES)
 @pytest.mark.parametrize('seq_len, num_docs', [(128, 3), (2048, 6)])
-def test_coverage_stops_at_the_target(seq_len, num_docs):
+def test_coverage_stops_at_the_target(seq_len, num_docs, strategy):
   """Documents longer than a span: coverage hits round(ratio * tokens) exactly. Before the
   change the last span overshot by up to min_len - 1 (average 26.5% at L=128 and 27.1% at
   L=2048 for a 25% target)."""
@@ -170,19 +189,20 @@ def test_coverage_stops_at_the_target(seq_len, num_docs):
     cuts = np.sort(rng.choice(np.arange(seq_len // 20, seq_len - seq_len // 20),
                               size=num_docs - 1, replace=False))
     doc_ids = np.searchsorted(cuts, np.arange(seq_len), side='right') + 1
-    _, lengths = masking.sample_spans(doc_ids, rng, **settings_)
+    _, lengths = _sample(doc_ids, rng, strategy, **settings_)
     fractions.append(lengths.sum() / seq_len)
   assert abs(np.mean(fractions) - 0.25) < 0.003
   assert np.mean(np.asarray(fractions) == round(0.25 * seq_len) / seq_len) > 0.9
 
 
-def test_touching_spans_occur():
+@pytest.mark.parametrize('strategy', STRATEGIES)
+def test_touching_spans_occur(strategy):
   """The docstring says so: a span may start right where another ends (same document)."""
   rng = np.random.default_rng(2)
   touching = 0
-  for _ in range(200):
-    starts, lengths = masking.sample_spans(np.ones(40, np.int32), rng, ratio=0.5, min_len=2,
-                                           max_len=4, max_spans=20)
+  for i in range(200):
+    starts, lengths = _sample(np.ones(40, np.int32), rng, strategy, seed=i, ratio=0.5,
+                              min_len=2, max_len=4, max_spans=20)
     used = lengths > 0
     ends = starts[used][:-1] + lengths[used][:-1]
     touching += int(np.sum(ends == starts[used][1:]))

@@ -14,9 +14,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from metalm_jax import masking
 from metalm_jax import objectives
 from metalm_jax.config import ConfigError
-from metalm_jax.data import datasets, pipeline, tokenizers
+from metalm_jax.data import datasets, pipeline, tokenizers, unigram
 from metalm_jax.families import base
 from metalm_jax import inference
 from metalm_jax.objectives import semi_causal_lm, special_tokens
@@ -60,6 +61,26 @@ class LanguageModel(base.Family):
     except ValueError as e:
       raise ConfigError(f"config.objective={self.config.objective!r}: {e}") from e
 
+  @functools.cached_property
+  def prepare(self):
+    """The objective's `prepare`; for semi_causal_lm with a non-default
+    `config.spans.strategy`, a `semi_causal_lm.make_prepare(strategy=...)` with the same
+    L-relative span settings ('saliency': the unigram table of the training split, counted
+    once and cached beside the tokenizer). Training rows only: the held-out loss keeps the
+    objective's own (random) spans, so runs with different strategies are scored alike."""
+    spans = self.config.get("spans") or {}
+    strategy = spans.get("strategy", "random")
+    if strategy == "random" or self.config.objective != "semi_causal_lm":
+      return self.objective.prepare
+    score_table = None
+    if strategy == "saliency":
+      d = self.config.data
+      counts = unigram.unigram_counts(d.dataset, self.tokenizer, data_dir=self.data_dir,
+                                      split=d.train_split)
+      score_table = masking.unigram_scores(counts)
+    return semi_causal_lm.make_prepare(strategy=strategy, score_table=score_table,
+                                       temperature=float(spans.get("temperature", 0.25)))
+
   def check_model(self, model) -> None:
     check_vocab(self.config.model, self.tokenizer,
                 f"config.data.tokenizer={self.config.data.tokenizer!r}")
@@ -86,7 +107,7 @@ class LanguageModel(base.Family):
         self.source(c.data.train_split), self.tokenizer, seq_len=c.data.seq_len,
         batch_size=batch_size, seed=c.seed, shuffle=True, num_epochs=None,
         process_index=process_index, process_count=process_count,
-        worker_count=c.data.worker_count, prepare=self.objective.prepare)
+        worker_count=c.data.worker_count, prepare=self.prepare)
 
   def eval_batches(self, split: str, *, batch_size: int, process_index: int,
                    process_count: int, num_batches: int | None):

@@ -19,6 +19,13 @@ baseline) is trained on every position, so it sees the same data with the plain 
                       prepare=semi_causal_lm.make_prepare(ratio=0.15, min_len=3, max_len=6,
                                                           max_spans=8, max_span_len=8))
 
+Which spans. `config.spans.strategy` (`masking.SPAN_STRATEGIES`) picks how spans are chosen,
+with the same settings and guarantees: 'random' (the default: uniform lengths and starts),
+'length_aware' (longer documents get longer spans) or 'saliency' (spans centred on rare
+tokens: -log unigram frequency of the training split, `data.unigram`; temperature
+`config.spans.temperature`). The lm family builds `make_prepare(strategy=...)` for it;
+`make_prepare(strategy=..., score_table=...)` does the same by hand.
+
 Span capacity. A dual-mode MetaLM encodes each span in a static buffer of
 `config.model.max_span_len` tokens; a longer span would be cut short there while the mask
 and the loss still treat all of it as encoded. So a sampler whose spans can be longer than
@@ -67,13 +74,19 @@ def _settings(length: int, given: dict) -> dict:
 
 def _prepare(row: dict, rng: np.random.Generator, *, ratio: float | None = None,
              min_len: int | None = None, max_len: int | None = None,
-             max_spans: int | None = None, max_span_len: int | None = None) -> dict:
+             max_spans: int | None = None, max_span_len: int | None = None,
+             strategy: str = 'random', score_table: np.ndarray | None = None,
+             temperature: float = 0.25) -> dict:
   length = row['inputs'].shape[0]
   settings = _settings(length, dict(ratio=ratio, min_len=min_len, max_len=max_len,
                                     max_spans=max_spans))
   if max_span_len is not None:
     check_span_capacity(settings['max_len'], max_span_len, seq_len=length)
-  starts, lengths = masking.sample_spans(row['segment_ids'], rng, **settings)
+  scores = None
+  if strategy == 'saliency':
+    scores = masking.saliency_scores(row['inputs'], score_table)
+  starts, lengths = masking.sample_spans(row['segment_ids'], rng, strategy=strategy,
+                                         scores=scores, temperature=temperature, **settings)
   return dict(row, span_ids=masking.span_ids_from_spans(starts, lengths, length),
               span_starts=starts, span_lengths=lengths)
 
@@ -85,17 +98,37 @@ def prepare(row: dict, rng: np.random.Generator) -> dict:
 
 def make_prepare(*, ratio: float | None = None, min_len: int | None = None,
                  max_len: int | None = None, max_spans: int | None = None,
-                 max_span_len: int | None = None):
+                 max_span_len: int | None = None, strategy: str = 'random',
+                 score_table: np.ndarray | None = None, temperature: float = 0.25):
   """A picklable `prepare(row, rng)` with fixed span settings (None = the L-relative default).
 
   max_span_len: the model's span capacity (`config.model.max_span_len`). When given, spans
     that could be longer are an error: now if `max_len` is given, else on the first row (the
     default max_len is L / 16).
+  strategy: which spans (`masking.SPAN_STRATEGIES`, `config.spans.strategy`): 'random'
+    (the default, as `prepare`), 'length_aware' or 'saliency'.
+  score_table: 'saliency' only, float [V]: token id -> saliency, e.g.
+    `masking.unigram_scores(counts)` of `data.unigram.unigram_counts` (-log frequency). A row's
+    scores are score_table[row['inputs']]. Extension point: per-token losses of a model (or
+    any higher-is-salient score) can replace it by calling `masking.sample_spans(...,
+    strategy='saliency', scores=...)` from a prepare of your own.
+  temperature: 'saliency' only, > 0 (centres drawn with probability ~ exp(score / T)).
   """
+  if strategy not in masking.SPAN_STRATEGIES:
+    raise ValueError(f'strategy={strategy!r} is not a span strategy; valid: '
+                     f'{list(masking.SPAN_STRATEGIES)}.')
+  if strategy == 'saliency' and score_table is None:
+    raise ValueError("strategy='saliency' needs score_table (float [V], e.g. "
+                     'masking.unigram_scores(data.unigram.unigram_counts(...))).')
+  if not temperature > 0:
+    raise ValueError(f'temperature={temperature} must be > 0.')
   if max_span_len is not None and max_len is not None:
     check_span_capacity(max_len, max_span_len)
+  extra = {}
+  if strategy != 'random':  # the random prepare keeps its old keywords
+    extra = dict(strategy=strategy, score_table=score_table, temperature=temperature)
   return functools.partial(_prepare, ratio=ratio, min_len=min_len, max_len=max_len,
-                           max_spans=max_spans, max_span_len=max_span_len)
+                           max_spans=max_spans, max_span_len=max_span_len, **extra)
 
 
 def span_settings(prepare_fn, seq_len: int) -> dict | None:
@@ -105,7 +138,8 @@ def span_settings(prepare_fn, seq_len: int) -> dict | None:
   if prepare_fn is prepare:
     return masking.default_span_settings(seq_len)
   if isinstance(prepare_fn, functools.partial) and prepare_fn.func is _prepare:
-    given = {k: v for k, v in prepare_fn.keywords.items() if k != 'max_span_len'}
+    given = {k: v for k, v in prepare_fn.keywords.items()
+             if k in ('ratio', 'min_len', 'max_len', 'max_spans')}
     return _settings(seq_len, given)
   return None
 
