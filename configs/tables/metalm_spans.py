@@ -1,0 +1,52 @@
+r"""Which spans go to METALM's encoder: random vs length_aware vs saliency span selection at
+equal steps, scored by pretraining loss and by the multitask text tasks after finetuning.
+
+  python experiments/reproduce.py --table=metalm_spans --seed=0
+
+Stages, per strategy S in (random, length_aware, saliency) (experiments/train.py runs of
+configs/metalm_multitask.py size=tiny, on the bundled pydoc_topics corpus and the generated
+pydoc_tasks SQuAD / BoolQ / CNN-DM-format files):
+  pretrain_S  semi-causal LM pretraining with config.spans.strategy = S
+  finetune_S  the task mixture from pretrain_S (the same for every strategy)
+The held-out loss of every pretraining stage uses random spans (comparable across strategies).
+
+Arguments: runlocal=1 (the stages' runlocal configs at size=test), seed=N (every stage's
+config.seed; run several seeds for intervals).
+"""
+import ml_collections
+
+from metalm_jax import config as config_lib
+
+STRATEGIES = ("random", "length_aware", "saliency")
+TASK_ROWS = (("squad_v1", "exact_match", "exact match"), ("squad_v1", "f1", "F1"),
+             ("boolq", "accuracy", "accuracy"), ("cnn_dailymail", "rouge_l", "ROUGE-L F1"))
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  args = config_lib.parse_config_args(arg, tiny="0", runlocal="0", seed="0")
+  runlocal = args["runlocal"] == "1"
+  size = "test" if runlocal else "tiny"
+  suffix = ",runlocal=1" if runlocal else ""
+  seed = ("seed", int(args["seed"]))
+  t = ml_collections.ConfigDict()
+  t.name = "metalm_spans"
+  t.title = "METALM span selection: random vs length_aware vs saliency"
+  t.note = f"configs/metalm_multitask.py size={size}, seed {args['seed']}"
+  t.generated = "pydoc_tasks"
+  t.bundled = ("pydoc_topics",)
+  t.data_subdir = ""
+  t.stages = ml_collections.ConfigDict()
+  rows = []
+  for s in STRATEGIES:
+    t.stages[f"pretrain_{s}"] = dict(
+        config=f"metalm_multitask:size={size},stage=pretrain{suffix}", init_from="",
+        overrides=(seed, ("spans.strategy", s)))
+    t.stages[f"finetune_{s}"] = dict(config=f"metalm_multitask:size={size}{suffix}",
+                                     init_from=f"pretrain_{s}", overrides=(seed,))
+    rows.append(dict(task=f"{s}: pretraining", metric="held-out perplexity", paper="-",
+                     stage=f"pretrain_{s}", eval="eval", scalars="perplexity", scale=1.0))
+    rows += [dict(task=f"{s}: {task}", metric=name, paper="-", stage=f"finetune_{s}",
+                  eval="tasks", scalars=f"{task}/{metric}", scale=1.0)
+             for task, metric, name in TASK_ROWS]
+  t.rows = rows
+  return t
