@@ -180,6 +180,18 @@ def mplug_defaults() -> ml_collections.ConfigDict:
   return c
 
 
+def table_spec(name: str, *, title: str, note: str = "", generated: str = "",
+               bundled: tuple[str, ...] = (), data_subdir: str = "") -> ml_collections.ConfigDict:
+  """The header of a paper-table config (`configs/tables/<name>.py`, `metalm_jax.tables`):
+  name, title, note, the generated / bundled datasets it prepares, and empty `stages` for the
+  table to fill (its `rows` too)."""
+  t = ml_collections.ConfigDict()
+  t.name, t.title, t.note = name, title, note
+  t.generated, t.bundled, t.data_subdir = generated, tuple(bundled), data_subdir
+  t.stages = ml_collections.ConfigDict()
+  return t
+
+
 def parse_config_args(arg: str | None, **defaults: str) -> dict[str, str]:
   """A config file's argument string: 'size=small,runlocal=1' -> {'size': 'small', ...}.
 

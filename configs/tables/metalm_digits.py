@@ -24,14 +24,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   args = config_lib.parse_config_args(arg, tiny="0", runlocal="0", seed="0")
   suffix = ",runlocal=1" if args["runlocal"] == "1" else ""
   seed = (("seed", int(args["seed"])),)  # the initialisation, data order and dropout seed
-  t = ml_collections.ConfigDict()
-  t.name = "metalm_digits"
-  t.title = "METALM vs causal-only baseline on digits_vl (test split VQA)"
-  t.note = f"configs/metalm_vl.py size=tiny, seed {args['seed']}; accuracy in %"
-  t.generated = ""
-  t.bundled = ("digits_vl",)
-  t.data_subdir = ""
-  t.stages = ml_collections.ConfigDict()
+  t = config_lib.table_spec(
+      "metalm_digits", title="METALM vs causal-only baseline on digits_vl (test split VQA)",
+      note=f"configs/metalm_vl.py size=tiny, seed {args['seed']}; accuracy in %",
+      generated="", bundled=("digits_vl",), data_subdir="")
   rows = []
   for model, label in MODELS.items():
     t.stages[f"{model}_pretrain"] = dict(config=f"metalm_vl:model={model}{suffix}", init_from="",

@@ -37,17 +37,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         "cnn_dailymail prepared in --data_dir (docs/reproducing.md). --tiny runs the whole "
         "path on generated data.")
   suffix = ",runlocal=1" if runlocal else ""
-  t = ml_collections.ConfigDict()
-  t.name = "metalm_multitask"
-  t.title = "metalm_multitask" + (" (--tiny)" if tiny else "")
-  t.note = ("--tiny: SQuAD / BoolQ / CNN-DM-format tasks generated from Python's help pages; "
+  t = config_lib.table_spec(
+      "metalm_multitask", title="metalm_multitask" + (" (--tiny)" if tiny else ""),
+      note=("--tiny: SQuAD / BoolQ / CNN-DM-format tasks generated from Python's help pages; "
             "'ours' measures this code path, not the paper's benchmark" if tiny else
             "6 of the paper's 34 datasets; greedy at tiny size, beam 4 / length penalty 0.6 "
-            "at paper size")
-  t.generated = "pydoc_tasks" if tiny else ""
-  t.bundled = ("pydoc_topics",)
-  t.data_subdir = ""
-  t.stages = ml_collections.ConfigDict()
+            "at paper size"),
+      generated="pydoc_tasks" if tiny else "", bundled=("pydoc_topics",), data_subdir="")
   if args["pretrained"]:
     t.stages.finetune = dict(config=f"metalm_multitask:size={size}{suffix}", init_from="",
                              init_from_path=args["pretrained"], overrides=())

@@ -26,14 +26,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   args = config_lib.parse_config_args(arg, tiny="0", runlocal="0", seed="0")
   suffix = ",runlocal=1" if args["runlocal"] == "1" else ""
   seed = (("seed", int(args["seed"])),)  # the initialisation, data order and dropout seed
-  t = ml_collections.ConfigDict()
-  t.name = "metalm_peft_digits"
-  t.title = "METALM finetuning on digits_vl VQA: full vs LoRA vs BitFit (test split)"
-  t.note = f"configs/metalm_vl.py size=tiny, seed {args['seed']}; accuracy in %"
-  t.generated = ""
-  t.bundled = ("digits_vl",)
-  t.data_subdir = ""
-  t.stages = ml_collections.ConfigDict()
+  t = config_lib.table_spec(
+      "metalm_peft_digits", title="METALM finetuning on digits_vl VQA: full vs LoRA vs BitFit (test split)",
+      note=f"configs/metalm_vl.py size=tiny, seed {args['seed']}; accuracy in %",
+      generated="", bundled=("digits_vl",), data_subdir="")
   t.stages["pretrain"] = dict(config=f"metalm_vl:model=metalm{suffix}", init_from="",
                               overrides=seed)
   rows = [dict(task="METALM pretrained, zero-shot", metric="VQA accuracy (%)", paper="-",

@@ -28,14 +28,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   size = "test" if runlocal else "tiny"
   suffix = ",runlocal=1" if runlocal else ""
   seed = ("seed", int(args["seed"]))
-  t = ml_collections.ConfigDict()
-  t.name = "metalm_spans"
-  t.title = "METALM span selection: random vs length_aware vs saliency"
-  t.note = f"configs/metalm_multitask.py size={size}, seed {args['seed']}"
-  t.generated = "pydoc_tasks"
-  t.bundled = ("pydoc_topics",)
-  t.data_subdir = ""
-  t.stages = ml_collections.ConfigDict()
+  t = config_lib.table_spec(
+      "metalm_spans", title="METALM span selection: random vs length_aware vs saliency",
+      note=f"configs/metalm_multitask.py size={size}, seed {args['seed']}",
+      generated="pydoc_tasks", bundled=("pydoc_topics",), data_subdir="")
   rows = []
   for s in STRATEGIES:
     t.stages[f"pretrain_{s}"] = dict(

@@ -39,16 +39,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       return ()
     return (("num_train_steps", steps),) + tuple((f"evals.{k}", v) for k, v in evals.items())
 
-  t = ml_collections.ConfigDict()
-  t.name = "metalm_vl"
-  t.title = "metalm_vl" + (" (--tiny)" if tiny else "")
-  t.note = ("--tiny: configs/metalm_vl.py size=tiny on the digits written as official COCO / "
+  t = config_lib.table_spec(
+      "metalm_vl", title="metalm_vl" + (" (--tiny)" if tiny else ""),
+      note=("--tiny: configs/metalm_vl.py size=tiny on the digits written as official COCO / "
             "VQAv2 / OK-VQA / NLVR2 files; 'ours' measures this code path, not the paper's "
             "benchmark" if tiny else
-            "pretrained on COCO captions only, from scratch; greedy decoding")
-  t.generated = "digits_official" if tiny else ""
-  t.data_subdir = "digits_official" if tiny else ""
-  t.stages = ml_collections.ConfigDict()
+            "pretrained on COCO captions only, from scratch; greedy decoding"),
+      generated="digits_official" if tiny else "",
+      data_subdir="digits_official" if tiny else "")
   zero_few = {}
   for name in ("vqav2", "ok_vqa", "coco"):
     zero_few.update({f"{name}.limit": r["limit"], f"{name}_fewshot.limit": r["limit"],

@@ -42,15 +42,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       out += (("num_train_steps", steps),) + tuple((f"evals.{k}", v) for k, v in evals.items())
     return out
 
-  t = ml_collections.ConfigDict()
-  t.name = "mplug"
-  t.title = "mplug" + (" (--tiny)" if tiny else "")
-  t.note = ("--tiny: configs/mplug.py size=tiny on the digits written as official COCO / "
+  t = config_lib.table_spec(
+      "mplug", title="mplug" + (" (--tiny)" if tiny else ""),
+      note=("--tiny: configs/mplug.py size=tiny on the digits written as official COCO / "
             "VQAv2 files; 'ours' measures this code path, not the paper's benchmark" if tiny
-            else "COCO-only pretraining from scratch (paper: 14M pairs, CLIP / BERT init)")
-  t.generated = "digits_official" if tiny else ""
-  t.data_subdir = "digits_official" if tiny else ""
-  t.stages = ml_collections.ConfigDict()
+            else "COCO-only pretraining from scratch (paper: 14M pairs, CLIP / BERT init)"),
+      generated="digits_official" if tiny else "",
+      data_subdir="digits_official" if tiny else "")
   t.stages.pretrain = dict(config=f"{base},stage=pretrain", init_from="", overrides=overrides(
       r["pretrain"], {"retrieval.limit": r["limit"], "retrieval.k_test": r["k_test"],
                       "zero_shot_caption.limit": r["limit"],

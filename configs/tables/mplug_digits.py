@@ -21,14 +21,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   args = config_lib.parse_config_args(arg, tiny="0", runlocal="0", seed="0")
   suffix = ",runlocal=1" if args["runlocal"] == "1" else ""
   seed = (("seed", int(args["seed"])),)  # the initialisation, data order and dropout seed
-  t = ml_collections.ConfigDict()
-  t.name = "mplug_digits"
-  t.title = "mPLUG on digits_vl (test split)"
-  t.note = f"configs/mplug.py size=tiny, seed {args['seed']}; in %"
-  t.generated = ""
-  t.bundled = ("digits_vl",)
-  t.data_subdir = ""
-  t.stages = ml_collections.ConfigDict()
+  t = config_lib.table_spec(
+      "mplug_digits", title="mPLUG on digits_vl (test split)",
+      note=f"configs/mplug.py size=tiny, seed {args['seed']}; in %",
+      generated="", bundled=("digits_vl",), data_subdir="")
   t.stages.pretrain = dict(config=f"mplug:stage=pretrain{suffix}", init_from="", overrides=seed)
   t.stages.vqa = dict(config=f"mplug:stage=vqa{suffix}", init_from="pretrain", overrides=seed)
   t.stages.vqa_scratch = dict(config=f"mplug:stage=vqa{suffix}", init_from="", overrides=seed)
