@@ -180,6 +180,15 @@ def mplug_defaults() -> ml_collections.ConfigDict:
   return c
 
 
+def seeded_table_args(arg: str | None) -> tuple[dict[str, str], str, tuple]:
+  """A seeded experiment table's arguments (tiny, runlocal, seed): (args, the stage-config
+  suffix for runlocal=1, the stage overrides that set config.seed: the initialisation, data
+  order and dropout seed)."""
+  args = parse_config_args(arg, tiny="0", runlocal="0", seed="0")
+  suffix = ",runlocal=1" if args["runlocal"] == "1" else ""
+  return args, suffix, (("seed", int(args["seed"])),)
+
+
 def table_spec(name: str, *, title: str, note: str = "", generated: str = "",
                bundled: tuple[str, ...] = (), data_subdir: str = "") -> ml_collections.ConfigDict:
   """The header of a paper-table config (`configs/tables/<name>.py`, `metalm_jax.tables`):

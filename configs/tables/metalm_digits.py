@@ -21,9 +21,7 @@ MODELS = {"metalm": "METALM (semi-causal)", "causal": "causal-only baseline"}
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  args = config_lib.parse_config_args(arg, tiny="0", runlocal="0", seed="0")
-  suffix = ",runlocal=1" if args["runlocal"] == "1" else ""
-  seed = (("seed", int(args["seed"])),)  # the initialisation, data order and dropout seed
+  args, suffix, seed = config_lib.seeded_table_args(arg)
   t = config_lib.table_spec(
       "metalm_digits", title="METALM vs causal-only baseline on digits_vl (test split VQA)",
       note=f"configs/metalm_vl.py size=tiny, seed {args['seed']}; accuracy in %",

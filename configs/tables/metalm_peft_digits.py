@@ -23,11 +23,10 @@ LABELS = {"full": "full finetuning", "lora": "LoRA (r 8)", "bitfit": "BitFit"}
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  args = config_lib.parse_config_args(arg, tiny="0", runlocal="0", seed="0")
-  suffix = ",runlocal=1" if args["runlocal"] == "1" else ""
-  seed = (("seed", int(args["seed"])),)  # the initialisation, data order and dropout seed
+  args, suffix, seed = config_lib.seeded_table_args(arg)
   t = config_lib.table_spec(
-      "metalm_peft_digits", title="METALM finetuning on digits_vl VQA: full vs LoRA vs BitFit (test split)",
+      "metalm_peft_digits",
+      title="METALM finetuning on digits_vl VQA: full vs LoRA vs BitFit (test split)",
       note=f"configs/metalm_vl.py size=tiny, seed {args['seed']}; accuracy in %",
       generated="", bundled=("digits_vl",), data_subdir="")
   t.stages["pretrain"] = dict(config=f"metalm_vl:model=metalm{suffix}", init_from="",

@@ -23,11 +23,8 @@ TASK_ROWS = (("squad_v1", "exact_match", "exact match"), ("squad_v1", "f1", "F1"
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  args = config_lib.parse_config_args(arg, tiny="0", runlocal="0", seed="0")
-  runlocal = args["runlocal"] == "1"
-  size = "test" if runlocal else "tiny"
-  suffix = ",runlocal=1" if runlocal else ""
-  seed = ("seed", int(args["seed"]))
+  args, suffix, seed = config_lib.seeded_table_args(arg)
+  size = "test" if args["runlocal"] == "1" else "tiny"
   t = config_lib.table_spec(
       "metalm_spans", title="METALM span selection: random vs length_aware vs saliency",
       note=f"configs/metalm_multitask.py size={size}, seed {args['seed']}",
@@ -36,9 +33,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   for s in STRATEGIES:
     t.stages[f"pretrain_{s}"] = dict(
         config=f"metalm_multitask:size={size},stage=pretrain{suffix}", init_from="",
-        overrides=(seed, ("spans.strategy", s)))
+        overrides=seed + (("spans.strategy", s),))
     t.stages[f"finetune_{s}"] = dict(config=f"metalm_multitask:size={size}{suffix}",
-                                     init_from=f"pretrain_{s}", overrides=(seed,))
+                                     init_from=f"pretrain_{s}", overrides=seed)
     rows.append(dict(task=f"{s}: pretraining", metric="held-out perplexity", paper="-",
                      stage=f"pretrain_{s}", eval="eval", scalars="perplexity", scale=1.0))
     rows += [dict(task=f"{s}: {task}", metric=name, paper="-", stage=f"finetune_{s}",

@@ -18,9 +18,7 @@ from metalm_jax import config as config_lib
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  args = config_lib.parse_config_args(arg, tiny="0", runlocal="0", seed="0")
-  suffix = ",runlocal=1" if args["runlocal"] == "1" else ""
-  seed = (("seed", int(args["seed"])),)  # the initialisation, data order and dropout seed
+  args, suffix, seed = config_lib.seeded_table_args(arg)
   t = config_lib.table_spec(
       "mplug_digits", title="mPLUG on digits_vl (test split)",
       note=f"configs/mplug.py size=tiny, seed {args['seed']}; in %",
