@@ -154,55 +154,60 @@ def _cap_length(length: int, *, remaining: int, room: int, min_len: int, max_len
   return length
 
 
-def _random_spans(doc_ids, rng, *, ratio, min_len, max_len, max_spans):
+def _place_spans(doc_ids, *, ratio, max_spans, draw):
+  """The placement loop every strategy shares: spans are drawn one at a time until the
+  target coverage is reached, `max_spans` exist, or `draw` finds no room. `draw(free, runs,
+  remaining)` returns (start, length) of the next span, or None when no free stretch of
+  min_len tokens is left (`runs` = `free_run_lengths(doc_ids, free)`)."""
   free = doc_ids != 0
   target = int(round(ratio * int(free.sum())))
   covered, spans = 0, []
   while len(spans) < max_spans and target - covered > 0:
-    runs = free_run_lengths(doc_ids, free)
-    room = int(runs.max(initial=0))  # the longest free stretch inside one document
-    if room < min_len:
+    span = draw(free, free_run_lengths(doc_ids, free), target - covered)
+    if span is None:
       break
-    length = _cap_length(int(rng.integers(min_len, max_len + 1)), remaining=target - covered,
-                         room=room, min_len=min_len, max_len=max_len)
-    start = int(rng.choice(np.flatnonzero(runs >= length)))
+    start, length = span
     free[start:start + length] = False
     spans.append((start, length))
     covered += length
   return spans
 
 
+def _random_spans(doc_ids, rng, *, ratio, min_len, max_len, max_spans):
+  def draw(free, runs, remaining):
+    del free
+    room = int(runs.max(initial=0))  # the longest free stretch inside one document
+    if room < min_len:
+      return None
+    length = _cap_length(int(rng.integers(min_len, max_len + 1)), remaining=remaining,
+                         room=room, min_len=min_len, max_len=max_len)
+    return int(rng.choice(np.flatnonzero(runs >= length))), length
+  return _place_spans(doc_ids, ratio=ratio, max_spans=max_spans, draw=draw)
+
+
 def _length_aware_spans(doc_ids, rng, *, ratio, min_len, max_len, max_spans):
-  free = doc_ids != 0
-  target = int(round(ratio * int(free.sum())))
   row_length = doc_ids.shape[0]
-  covered, spans = 0, []
-  while len(spans) < max_spans and target - covered > 0:
-    runs = free_run_lengths(doc_ids, free)
+
+  def draw(free, runs, remaining):
+    del free
     candidates = np.flatnonzero(runs >= min_len)
     if candidates.size == 0:
-      break
+      return None
     doc = doc_ids[int(rng.choice(candidates))]
     in_doc = doc_ids == doc
     doc_runs = np.where(in_doc, runs, 0)
     share = int(in_doc.sum()) / row_length  # the document's length, relative to the row
     length = min_len + int(rng.binomial(max_len - min_len, share))
-    length = _cap_length(length, remaining=target - covered, room=int(doc_runs.max()),
+    length = _cap_length(length, remaining=remaining, room=int(doc_runs.max()),
                          min_len=min_len, max_len=max_len)
-    start = int(rng.choice(np.flatnonzero(doc_runs >= length)))
-    free[start:start + length] = False
-    spans.append((start, length))
-    covered += length
-  return spans
+    return int(rng.choice(np.flatnonzero(doc_runs >= length))), length
+  return _place_spans(doc_ids, ratio=ratio, max_spans=max_spans, draw=draw)
 
 
 def _saliency_spans(doc_ids, rng, *, ratio, min_len, max_len, max_spans, scores, temperature):
-  free = doc_ids != 0
-  target = int(round(ratio * int(free.sum())))
   positions = np.arange(doc_ids.shape[0])
-  covered, spans = 0, []
-  while len(spans) < max_spans and target - covered > 0:
-    runs = free_run_lengths(doc_ids, free)
+
+  def draw(free, runs, remaining):
     # Each free position's stretch: [block_start, block_start + block_len).
     starts_block = free & ((positions == 0) | ~np.roll(free, 1) |
                            (doc_ids != np.roll(doc_ids, 1)))
@@ -210,18 +215,15 @@ def _saliency_spans(doc_ids, rng, *, ratio, min_len, max_len, max_spans, scores,
     block_len = np.where(free, runs[block_start], 0)
     candidates = np.flatnonzero(block_len >= min_len)
     if candidates.size == 0:
-      break
+      return None
     logits = scores[candidates] / temperature
     weights = np.exp(logits - logits.max())
     centre = int(rng.choice(candidates, p=weights / weights.sum()))
     lo, room = int(block_start[centre]), int(block_len[centre])
-    length = _cap_length(int(rng.integers(min_len, max_len + 1)), remaining=target - covered,
+    length = _cap_length(int(rng.integers(min_len, max_len + 1)), remaining=remaining,
                          room=room, min_len=min_len, max_len=max_len)
-    start = min(max(centre - (length - 1) // 2, lo), lo + room - length)
-    free[start:start + length] = False
-    spans.append((start, length))
-    covered += length
-  return spans
+    return min(max(centre - (length - 1) // 2, lo), lo + room - length), length
+  return _place_spans(doc_ids, ratio=ratio, max_spans=max_spans, draw=draw)
 
 
 def unigram_scores(counts: np.ndarray) -> np.ndarray:
