@@ -51,6 +51,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.tokenizer = "sentencepiece"  # or 'byte' (zero setup)
   c.data.vocab_size = 2048  # SentencePiece vocabulary (ignored by the byte tokenizer)
   c.data.tokenizer_dataset = ""  # whose train split trains SentencePiece ('' = dataset)
+  # An own-vocabulary docked text encoder (config.model.encoder_span_len > 0) reads its spans
+  # in this tokenizer ('hf:<dir>'; '' = its config.model.text_encoder.init_from 'hf:' dir).
+  c.data.encoder_tokenizer = ""
   c.data.seq_len = 128
   c.data.worker_count = 0  # grain worker processes; stored with the iterator state
   c.data.train_split = "train"
@@ -302,10 +305,50 @@ def _check_against(config, schema, prefix: str, free_keys=()):
 
 
 def model_kwargs(model_config) -> tuple[str, dict]:
-  """(registry name, constructor kwargs) of `config.model`."""
+  """(registry name, constructor kwargs) of `config.model`; parts docked from a pretrained
+  checkpoint (`init_from` keys, `models.hf.docking`) get the checkpoint's architecture."""
+  return _resolve_model(model_config)[:2]
+
+
+def model_parts(model_config) -> list:
+  """The parts of `config.model` that start from a pretrained checkpoint (`docking.Part`)."""
+  return _resolve_model(model_config)[2]
+
+
+def encoder_tokenizer_kind(config) -> str:
+  """The tokenizer kind of an own-vocabulary text encoder's spans (config.data.encoder_tokenizer,
+  else the 'hf:' directory the encoder is docked from); '' when the encoder reads the
+  decoder's ids (config.model.encoder_span_len 0 or absent)."""
+  model = dict(config.model)
+  kind = config.data.get("encoder_tokenizer", "")
+  if not model.get("encoder_span_len"):
+    if kind:
+      raise ConfigError(f"config.data.encoder_tokenizer={kind!r} is read only with "
+                        "config.model.encoder_span_len > 0 (an encoder with its own vocabulary); "
+                        "remove it or set encoder_span_len.")
+    return ""
+  if kind:
+    return kind
+  source = dict(model.get("text_encoder") or {}).get("init_from", "")
+  if source.startswith("hf:"):
+    return source
+  raise ConfigError("config.model.encoder_span_len > 0: the text encoder reads its own token "
+                    "ids; set config.data.encoder_tokenizer ('hf:<dir>' with tokenizer.json) or "
+                    "dock the encoder from 'hf:<dir>' (its tokenizer is then used).")
+
+
+def _resolve_model(model_config):
+  from metalm_jax.models.hf import docking  # reads config.json files: only when docking
+
   kwargs = dict(model_config)
   name = kwargs.pop("name")
-  return name, kwargs
+  if not docking.has_parts(kwargs):
+    return name, kwargs, []
+  try:
+    kwargs, parts = docking.resolve(name, kwargs)
+  except ValueError as e:
+    raise ConfigError(str(e)) from e
+  return name, kwargs, parts
 
 
 def grad_accum_steps(opt_config, num_train_steps: int | None = None) -> int:
@@ -508,19 +551,21 @@ def validate(config: ml_collections.ConfigDict) -> None:
       raise ConfigError(f"config.{key}={config[key]} must be positive")
   _check_optimizer(config)
   _check_evals(config.evals)
+  encoder_tokenizer_kind(config)
   check_spans(config)
   init_from_renames(config.init_from)
   init_from_skips(config.init_from)
   if "peft" in config:
     check_peft(config.peft)
     if config.peft.get("save_trainable_only", False) and not (
-        config.peft.method and config.init_from.checkpoint):
+        config.peft.method and (config.init_from.checkpoint or model_parts(config.model))):
       raise ConfigError(
           f"config.peft.save_trainable_only=True with config.peft.method="
           f"{config.peft.method!r} and config.init_from.checkpoint="
           f"{config.init_from.checkpoint!r}: checkpoints without the frozen base need a peft "
-          "method (something frozen) and the base to re-read from config.init_from.checkpoint;"
-          " set both, or save_trainable_only=False")
+          "method (something frozen) and the base to re-read from config.init_from.checkpoint "
+          "or docked parts (config.model.<part>.init_from); set both, or "
+          "save_trainable_only=False")
   if config.init_from.step < 0:
     raise ConfigError(f"config.init_from.step={config.init_from.step} must be >= 0 (0 = the "
                       "latest checkpoint)")

@@ -155,13 +155,17 @@ def multitask_dataset(sources: Mapping[str, object], tokenizer: tokenizers.Token
 def eval_batches(sources: Mapping[str, object], tokenizer: tokenizers.Tokenizer, *,
                  seq_len: int, batch_size: int, max_span_len: int, max_input_tokens: int,
                  encode_input: bool = True, process_index: int = 0, process_count: int = 1,
-                 num_batches: int | None = None):
+                 num_batches: int | None = None, prepare=None):
   """One unshuffled pass over every task's examples in order, in batches of rows; the last
   batch is padded with all-zero rows (weights 0). With several processes every process
-  yields the same number of batches (default: enough for the largest share)."""
+  yields the same number of batches (default: enough for the largest share). `prepare`:
+  an optional deterministic `prepare(row, rng=None) -> row` applied to each row."""
   encode = functools.partial(encode_example, tokenizer=tokenizer, seq_len=seq_len,
                              max_span_len=max_span_len, max_input_tokens=max_input_tokens,
                              encode_input=encode_input)
+  if prepare is not None:
+    encode = lambda example, task_index=-1, encode=encode: prepare(  # noqa: E731
+        encode(example, task_index=task_index), None)
   everything = [(i, j) for i, s in enumerate(sources.values()) for j in range(len(s))]
   shares = [everything[p::process_count] for p in range(process_count)]
   if num_batches is None:

@@ -16,17 +16,30 @@ import numpy as np
 
 from metalm_jax import masking
 from metalm_jax import objectives
+from metalm_jax import config as config_lib
 from metalm_jax.config import ConfigError
 from metalm_jax.data import datasets, pipeline, tokenizers, unigram
+from metalm_jax.data.encoder_spans import EncoderSpans
 from metalm_jax.families import base
 from metalm_jax import inference
 from metalm_jax.objectives import semi_causal_lm, special_tokens
 
 
 def model_vocab_size(model_config) -> int | None:
-  """The model's output vocabulary (config.model.vocab_size, or its decoder's)."""
-  kwargs = dict(model_config)
+  """The model's output vocabulary (config.model.vocab_size, or its decoder's; a docked
+  decoder's from its checkpoint)."""
+  kwargs = config_lib.model_kwargs(model_config)[1]
   return kwargs.get("vocab_size") or dict(kwargs.get("decoder") or {}).get("vocab_size")
+
+
+def encoder_spans(config, decoder_tokenizer, prepare=None):
+  """`data.encoder_spans.EncoderSpans` (wrapping `prepare`) for an own-vocabulary text
+  encoder (config.model.encoder_span_len > 0); else `prepare` unchanged."""
+  kind = config_lib.encoder_tokenizer_kind(config)
+  if not kind:
+    return prepare
+  return EncoderSpans(decoder_tokenizer, tokenizers.get_tokenizer(kind),
+                      int(config.model.encoder_span_len), prepare)
 
 
 def check_vocab(model_config, tokenizer, what: str) -> None:
@@ -71,15 +84,16 @@ class LanguageModel(base.Family):
     spans = self.config.get("spans") or {}
     strategy = spans.get("strategy", "random")
     if strategy == "random" or self.config.objective != "semi_causal_lm":
-      return self.objective.prepare
+      return encoder_spans(self.config, self.tokenizer, self.objective.prepare)
     score_table = None
     if strategy == "saliency":
       d = self.config.data
       counts = unigram.unigram_counts(d.dataset, self.tokenizer, data_dir=self.data_dir,
                                       split=d.train_split)
       score_table = masking.unigram_scores(counts)
-    return semi_causal_lm.make_prepare(strategy=strategy, score_table=score_table,
-                                       temperature=float(spans.get("temperature", 0.25)))
+    return encoder_spans(self.config, self.tokenizer, semi_causal_lm.make_prepare(
+        strategy=strategy, score_table=score_table,
+        temperature=float(spans.get("temperature", 0.25))))
 
   def check_model(self, model) -> None:
     check_vocab(self.config.model, self.tokenizer,
@@ -115,7 +129,7 @@ class LanguageModel(base.Family):
     return pipeline.eval_batches(
         self.source(split), self.tokenizer, seq_len=self.config.data.seq_len,
         batch_size=batch_size, process_index=process_index, process_count=process_count,
-        prepare=self.objective.prepare)
+        prepare=encoder_spans(self.config, self.tokenizer, self.objective.prepare))
 
   # ---------------------------------------------------------------- loss (traced)
   def loss(self, model, params, rest, extra, batch, *, rng, step):

@@ -89,8 +89,8 @@ class TextTaskPredictor:
     max_new_tokens = max(1, min(max_new_tokens, d.seq_len - d.max_input_tokens))
     span_prompts = [metalm_prompts.text_prompt(
         t, self.tokenizer, max_input_tokens=d.max_input_tokens,
-        max_span_len=self.family.max_span_len, encode_input=self.family.encode_input)
-                    for t in texts]
+        max_span_len=self.family.max_span_len, encode_input=self.family.encode_input,
+        encoder_spans=self.family.encoder_spans) for t in texts]
     tokens, _ = metalm_generation.generate(
         self.module, span_prompts, max_new_tokens=max_new_tokens, eos_id=self.tokenizer.eos_id,
         pad_id=self.tokenizer.pad_id, **decoding)

@@ -19,6 +19,7 @@ from metalm_jax import objectives
 from metalm_jax.config import ConfigError
 from metalm_jax.data import datasets, generated, text_task_pipeline, tokenizers
 from metalm_jax.families import base
+from metalm_jax.families import lm
 from metalm_jax.families.lm import check_vocab
 from metalm_jax.objectives import semi_causal_lm
 
@@ -95,6 +96,11 @@ class TextTasks(base.Family):
     return tokenizers.get_tokenizer(d.tokenizer, dataset=d.tokenizer_dataset or "pydoc_topics",
                                     data_dir=self.data_dir, vocab_size=d.vocab_size)
 
+  @functools.cached_property
+  def encoder_spans(self):
+    """`data.encoder_spans.EncoderSpans` for an own-vocabulary docked encoder, else None."""
+    return lm.encoder_spans(self.config, self.tokenizer)
+
   def sources(self, split: str) -> dict:
     names = [TASKS[t][0] for t in self.config.data.tasks]
     how = (f"python experiments/prepare_data.py --dataset={GENERATED}"
@@ -120,14 +126,15 @@ class TextTasks(base.Family):
     return text_task_pipeline.multitask_dataset(
         self.sources(c.data.train_split), self.tokenizer, batch_size=batch_size, seed=c.seed,
         mixing_cap=c.data.mixing_cap or None, process_index=process_index,
-        process_count=process_count, worker_count=c.data.worker_count, **self._rows())
+        process_count=process_count, worker_count=c.data.worker_count,
+        prepare=self.encoder_spans, **self._rows())
 
   def eval_batches(self, split: str, *, batch_size: int, process_index: int,
                    process_count: int, num_batches: int | None):
     return text_task_pipeline.eval_batches(
         self.sources(split), self.tokenizer, batch_size=batch_size,
         process_index=process_index, process_count=process_count, num_batches=num_batches,
-        **self._rows())
+        prepare=self.encoder_spans, **self._rows())
 
   # ---------------------------------------------------------------- loss (traced)
   @functools.cached_property

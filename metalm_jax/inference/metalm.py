@@ -73,7 +73,8 @@ def prefill(module, batch: dict, max_new_tokens: int) -> tuple[jax.Array, dict]:
   cache_len = length + max_new_tokens
   if module.mode == "dual":
     embeddings = module.embed_inputs(tokens, batch["span_starts"], batch["span_lengths"],
-                                     batch["images"])
+                                     batch["images"],
+                                     span_encoder_ids=batch.get("span_encoder_ids"))
   else:
     embeddings = module.embed_inputs(tokens)
   cache = module.init_cache(num_rows, cache_len)
@@ -186,7 +187,8 @@ def _next_tokens(graphdef, state, rows):
   logits, _ = module(rows["tokens"], positions=rows["positions"],
                      segment_ids=rows["segment_ids"], span_ids=rows["span_ids"],
                      span_starts=rows["span_starts"], span_lengths=rows["span_lengths"],
-                     images=rows["images"], deterministic=True)
+                     images=rows["images"], deterministic=True,
+                     span_encoder_ids=rows.get("span_encoder_ids"))
   last = jnp.take_along_axis(logits, (rows["ends"] - 1)[:, None, None], axis=1)[:, 0]
   token = jnp.argmax(last, axis=-1)
   return token.astype(jnp.int32), jax.nn.log_softmax(last, axis=-1)[jnp.arange(len(token)), token]

@@ -51,21 +51,26 @@ class SpanPrompt(NamedTuple):
   span_starts: np.ndarray
   span_lengths: np.ndarray
   images: np.ndarray | None = None
+  # int32 [m, Ce]: each span in an own-vocabulary encoder's tokens (`data.encoder_spans`).
+  encoder_ids: np.ndarray | None = None
 
 
 def text_prompt(text: str, tokenizer, *, max_input_tokens: int, max_span_len: int,
-                encode_input: bool = True) -> SpanPrompt:
+                encode_input: bool = True, encoder_spans=None) -> SpanPrompt:
   """[BOS] + the text's tokens (cut to max_input_tokens), as `text_task_pipeline` lays out
   a training row's prompt: consecutive spans of at most max_span_len from position 0, or
-  no span with encode_input=False."""
+  no span with encode_input=False. `encoder_spans` (`data.encoder_spans.EncoderSpans`): the
+  spans also in an own-vocabulary encoder's tokens, as training rows carry them."""
   ids = text_task_pipeline.input_ids(text, tokenizer, max_input_tokens)
   row = text_task_pipeline.prompt_row(
       ids, seq_len=len(ids) + 1, max_span_len=max_span_len,
       max_spans=text_task_pipeline.max_spans_for(len(ids), max_span_len),
       encode_input=encode_input)
   used = row["span_lengths"] > 0
-  return SpanPrompt(ids.astype(np.int32), row["span_starts"][used],
-                    row["span_lengths"][used])
+  starts, lengths = row["span_starts"][used], row["span_lengths"][used]
+  encoder_ids = (None if encoder_spans is None else
+                 encoder_spans.span_ids(ids, starts, lengths))
+  return SpanPrompt(ids.astype(np.int32), starts, lengths, encoder_ids=encoder_ids)
 
 
 def vl_prompt(prompt: Sequence[prompts_lib.Segment], tokenizer, *, num_image_tokens: int,
@@ -147,6 +152,12 @@ def _pad(prompts, *, length, num_spans, pad_id, left):
          "span_lengths": np.zeros((batch, num_spans), np.int32),
          "images": (np.zeros((batch, num_spans) + shapes.pop(), np.float32) if shapes
                     else None)}
+  encoder = [p.encoder_ids for p in prompts if p.encoder_ids is not None]
+  if encoder and len(encoder) < batch:
+    raise ValueError("some prompts have encoder_ids and some not; build them all alike.")
+  # Unused slots hold 0 (the model keeps their first key valid; their outputs are dropped).
+  out["span_encoder_ids"] = (np.zeros((batch, num_spans, encoder[0].shape[1]), np.int32)
+                             if encoder else None)
   for b, p in enumerate(prompts):
     n, m = len(p.tokens), len(p.span_starts)
     offset = length - n if left else 0
@@ -159,6 +170,8 @@ def _pad(prompts, *, length, num_spans, pad_id, left):
                                              length)
     if p.images is not None:
       out["images"][b, :m] = p.images
+    if p.encoder_ids is not None:
+      out["span_encoder_ids"][b, :m] = p.encoder_ids
   if not left:
     out["segment_ids"] = out.pop("valid").astype(np.int32)
     out["ends"] = np.array([len(p.tokens) for p in prompts], np.int32)

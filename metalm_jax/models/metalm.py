@@ -77,6 +77,12 @@ class MetaLM(nnx.Module):
     trainable_encoder_layers: k >= 0 trains only the text encoder's last k layers (the
       paper: 2, for a docked pretrained encoder); -1 trains everything. Stored for the
       trainer, which applies `train.optimizer.trainable_mask(params, trainable_layers=k)`.
+    encoder_span_len: 0 (default): the text encoder reads the decoder's token ids (one
+      vocabulary). Ce > 0: the encoder has its own vocabulary (a docked pretrained encoder)
+      and reads `span_encoder_ids` int [B, M, Ce], each span's text in the encoder's own
+      tokens ([CLS] ... [SEP] included, `data.encoder_spans`); a 'resampler' connector with
+      num_latents >= max_span_len then maps the encoder's outputs onto the span's decoder
+      positions (query j -> position start + j).
   """
 
   SUBMODULES = {
@@ -89,7 +95,8 @@ class MetaLM(nnx.Module):
   def __init__(self, *, decoder: Mapping, text_encoder: Mapping | None = None,
                vision_encoder: Mapping | None = None, connector: Mapping | None = None,
                mode: str = 'dual', max_span_len: int = 8, bos_id: int = 1, pad_id: int = 0,
-               trainable_encoder_layers: int = -1, dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
+               trainable_encoder_layers: int = -1, encoder_span_len: int = 0,
+               dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
     if mode not in MODES:
       raise ValueError(f'config.model.mode={mode!r} is not one of {MODES}.')
     if max_span_len < 1:
@@ -104,6 +111,10 @@ class MetaLM(nnx.Module):
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.mode, self.max_span_len, self.bos_id, self.pad_id = mode, max_span_len, bos_id, pad_id
     self.trainable_encoder_layers = trainable_encoder_layers
+    if encoder_span_len < 0 or (encoder_span_len and mode != 'dual'):
+      raise ValueError(f"config.model.encoder_span_len={encoder_span_len}: use 0 (the encoder "
+                       "reads the decoder's ids) or > 0 with mode='dual' (its own vocabulary).")
+    self.encoder_span_len = encoder_span_len
     self.decoder = checks.build(Decoder, decoder, 'config.model.decoder', **kw)
     text, vision, projection, connect = self._build_encoders(
         text_encoder, vision_encoder, connector, **kw) if mode == 'dual' else (None,) * 4
@@ -119,7 +130,17 @@ class MetaLM(nnx.Module):
     enc.setdefault('max_len', max_span_len + 1)
     enc.setdefault('pad_id', self.pad_id)
     text = checks.build(TextEncoder, enc, 'config.model.text_encoder', **kw)
-    if text.max_len < max_span_len + 1:
+    own_vocab = self.encoder_span_len > 0
+    if not own_vocab and enc['vocab_size'] != self.decoder.vocab_size:
+      raise ValueError(
+          f"config.model.text_encoder.vocab_size={enc['vocab_size']} differs from the decoder's "
+          f"{self.decoder.vocab_size}: an encoder with its own vocabulary reads its own token ids; "
+          'set config.model.encoder_span_len (its tokens per span, e.g. 2 * max_span_len) and '
+          "config.data.encoder_tokenizer ('hf:<dir>'), with a 'resampler' connector.")
+    if own_vocab and text.max_len < self.encoder_span_len:
+      raise ValueError(f'config.model.text_encoder.max_len={text.max_len} < '
+                       f'config.model.encoder_span_len={self.encoder_span_len}.')
+    if not own_vocab and text.max_len < max_span_len + 1:
       raise ValueError(f'config.model.text_encoder.max_len={text.max_len} cannot '
                        f'hold [BOS] + max_span_len={max_span_len} tokens; raise it to '
                        f'>= {max_span_len + 1}.')
@@ -140,6 +161,11 @@ class MetaLM(nnx.Module):
             **kw)
     connect = checks.build(Connector, dict(connector or {'kind': 'linear'}), 'config.model.connector',
                      d_in=d_enc, d_out=self.decoder.d_model, **kw)
+    if own_vocab and connect.kind != 'resampler':
+      raise ValueError(f"config.model.encoder_span_len={self.encoder_span_len} (an encoder with "
+                       f"its own vocabulary) needs config.model.connector.kind='resampler' "
+                       f"(got {connect.kind!r}): its outputs are not aligned with decoder "
+                       'positions, so learned queries, one per span position, read them.')
     if connect.num_outputs(max_span_len) < max_span_len:
       raise ValueError(f'the resampler connector has num_latents={connect.num_latents} '
                        f'< max_span_len={max_span_len}; every span position needs an output, '
@@ -149,13 +175,17 @@ class MetaLM(nnx.Module):
   # ------------------------------------------------------------------ encoding spans
   def encode_spans(self, tokens: jax.Array, span_starts: jax.Array, span_lengths: jax.Array,
                    images: jax.Array | None = None, *, deterministic: bool = True,
-                   rngs: DropoutRngs = None) -> tuple[jax.Array, jax.Array, jax.Array]:
+                   rngs: DropoutRngs = None,
+                   span_encoder_ids: jax.Array | None = None
+                   ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Gathers, encodes and connects every span.
 
     Args:
       tokens: int [B, L] decoder tokens.
       span_starts, span_lengths: int [B, M]; length 0 = unused slot.
       images: float [B, M, H, W, K] or None; image m fills span m's first T positions.
+      span_encoder_ids: int [B, M, Ce], an own-vocabulary encoder's ids of each span
+        (`encoder_span_len` > 0 only; padding = the encoder's pad_id).
 
     Returns:
       (connected [B, M, C, D], span positions int [B, M, C], valid bool [B, M, C]).
@@ -165,6 +195,13 @@ class MetaLM(nnx.Module):
     offsets = jnp.arange(cap)
     valid = offsets < span_lengths[..., None]  # [B, M, C]
     index = span_starts[..., None] + offsets  # [B, M, C]
+    if self.encoder_span_len:
+      connected = self._encode_own_vocab(span_encoder_ids, images, (batch, num_spans),
+                                         deterministic=deterministic, rngs=rngs)
+      return connected, index, valid
+    if span_encoder_ids is not None:
+      raise ValueError('span_encoder_ids were given but config.model.encoder_span_len=0 (the '
+                       "encoder reads the decoder's ids); set encoder_span_len.")
     gathered = jnp.take_along_axis(tokens, jnp.clip(index, 0, length - 1).reshape(batch, -1),
                                    axis=1).reshape(batch, num_spans, cap)
     span_tokens = jnp.where(valid, gathered, self.pad_id)
@@ -194,9 +231,30 @@ class MetaLM(nnx.Module):
     connected = connected.reshape(batch, num_spans, cap, -1)
     return connected, index, valid
 
+  def _encode_own_vocab(self, ids, images, shape, *, deterministic, rngs) -> jax.Array:
+    """Own-vocabulary spans: ids [B, M, Ce] -> connected [B, M, C, D] (resampler queries)."""
+    if ids is None:
+      raise ValueError(f'config.model.encoder_span_len={self.encoder_span_len}: the encoder has '
+                       'its own vocabulary and needs span_encoder_ids [B, M, Ce] (the data '
+                       'pipeline adds them with config.data.encoder_tokenizer).')
+    if images is not None:
+      raise ValueError('images with an own-vocabulary text encoder (encoder_span_len > 0) are '
+                       'not supported; dock the vision encoder on a shared-vocabulary encoder.')
+    if ids.shape[:2] != shape or ids.shape[2] != self.encoder_span_len:
+      raise ValueError(f'span_encoder_ids has shape {ids.shape}; expected {shape} + '
+                       f'(encoder_span_len={self.encoder_span_len},).')
+    enc_tokens = ids.reshape(-1, ids.shape[-1])
+    # Unused span slots may be all padding: their first key stays valid (no empty softmax).
+    enc_valid = (enc_tokens != self.text_encoder.pad_id).at[:, 0].set(True)
+    hidden, _ = self.text_encoder(enc_tokens, valid=enc_valid, deterministic=deterministic,
+                                  rngs=_split_rngs(rngs, 1)[0])
+    connected = self.connector(hidden, valid=enc_valid)[:, :self.max_span_len]
+    return connected.reshape(*shape, self.max_span_len, -1)
+
   def embed_inputs(self, tokens: jax.Array, span_starts: jax.Array | None = None,
                    span_lengths: jax.Array | None = None, images: jax.Array | None = None, *,
-                   deterministic: bool = True, rngs: DropoutRngs = None) -> jax.Array:
+                   deterministic: bool = True, rngs: DropoutRngs = None,
+                   span_encoder_ids: jax.Array | None = None) -> jax.Array:
     """Decoder input embeddings [B, L, D] with span rows replaced by connected encodings
     ('dual'; other modes and span-less calls return plain token embeddings)."""
     embeddings = self.decoder.embed(tokens)
@@ -205,7 +263,8 @@ class MetaLM(nnx.Module):
         raise ValueError(f"images need mode='dual' with spans (mode={self.mode!r}).")
       return embeddings
     connected, index, valid = self.encode_spans(tokens, span_starts, span_lengths, images,
-                                                deterministic=deterministic, rngs=rngs)
+                                                deterministic=deterministic, rngs=rngs,
+                                                span_encoder_ids=span_encoder_ids)
     length = tokens.shape[1]
     rows = jnp.arange(tokens.shape[0])[:, None, None]
     target = jnp.where(valid, index, length)  # out of range -> dropped
@@ -304,7 +363,8 @@ class MetaLM(nnx.Module):
                segment_ids: jax.Array | None = None, span_ids: jax.Array | None = None,
                span_starts: jax.Array | None = None, span_lengths: jax.Array | None = None,
                images: jax.Array | None = None, deterministic: bool = True,
-               rngs: DropoutRngs = None) -> tuple[jax.Array, dict]:
+               rngs: DropoutRngs = None,
+               span_encoder_ids: jax.Array | None = None) -> tuple[jax.Array, dict]:
     """Semi-causal forward.
 
     Args:
@@ -315,6 +375,8 @@ class MetaLM(nnx.Module):
       span_starts, span_lengths: int [B, M]: used by 'dual'.
       images: float [B, M, H, W, K] for vision-language spans ('dual').
       deterministic / rngs: dropout.
+      span_encoder_ids: int [B, M, Ce]: the spans in an own-vocabulary encoder's tokens
+        ('dual' with encoder_span_len > 0).
 
     Returns:
       (logits [B, L, V] float32, {'hidden': [B, L, D]}).
@@ -336,7 +398,8 @@ class MetaLM(nnx.Module):
                        'semi_causal_lm objective adds them to every batch).')
     enc_rngs, dec_rngs = _split_rngs(rngs, 2)
     embeddings = self.embed_inputs(tokens, span_starts, span_lengths, images,
-                                   deterministic=deterministic, rngs=enc_rngs)
+                                   deterministic=deterministic, rngs=enc_rngs,
+                                   span_encoder_ids=span_encoder_ids)
     return self.decoder(embeddings=embeddings, rngs=dec_rngs, **dec_kw)
 
   # ------------------------------------------------------------------ generation

@@ -182,7 +182,9 @@ def loss(model, batch, *, deterministic: bool = True, rng=None):
   logits, _ = model(batch['inputs'], positions=batch['positions'],
                     segment_ids=batch['segment_ids'], span_ids=batch['span_ids'],
                     span_starts=batch['span_starts'], span_lengths=batch['span_lengths'],
-                    images=batch.get('images'), deterministic=deterministic, rngs=rng)
+                    images=batch.get('images'), deterministic=deterministic, rngs=rng,
+                    **({'span_encoder_ids': batch['span_encoder_ids']}
+                       if 'span_encoder_ids' in batch else {}))
   weights = batch['weights']
   if mode != 'causal':
     weights = weights * masking.span_loss_weights(batch['span_ids'])

@@ -17,7 +17,9 @@ an error listing every one of them, before any parameter is read. A dtype that d
 cast to the model's. A LoRA model's factors (`config.peft`) keep their fresh init when the
 source has none (the usual pretrain -> LoRA finetune).
 
-`hf:<dir>` sources (imported Hugging Face weights) are the next step (see the issue tracker).
+Parts (`config.model.<part>.init_from`, `models.hf.docking`): `load_parts` reads each
+docked part, an imported Hugging Face directory ('hf:<dir>') or the same part of a checkpoint
+of this project, checked path by path against this model before anything is placed.
 """
 from __future__ import annotations
 
@@ -27,6 +29,8 @@ import re
 from typing import Any
 
 import jax
+import ml_collections
+import numpy as np
 
 from metalm_jax import config as config_lib
 from metalm_jax.train import checkpoint as checkpoint_lib
@@ -166,6 +170,53 @@ def load(init_config, abstract_params, param_shardings) -> tuple[dict, dict]:
   return loaded, summary
 
 
+def load_parts(parts, abstract_params, param_shardings) -> tuple[dict, list[str]]:
+  """The params of every docked part (`config_lib.model_parts`), placed like this model's:
+  ({this model's path: array}, a one-line summary per part).
+
+  Raises:
+    InitFromMismatchError: an imported part does not line up with this model (every path
+      named; nothing placed).
+  """
+  from metalm_jax.models.hf import docking
+
+  targets = {k: v for k, v in _flat(abstract_params).items() if not peft.is_factor(k)}
+  shardings = _flat(param_shardings)
+  loaded, summaries = {}, []
+  for part in parts:
+    if part.hf_dir is None:  # the same part of a checkpoint of this project
+      init = ml_collections.ConfigDict(dict(
+          checkpoint=part.source, step=0, rename=(),
+          skip=(f"^(?!{re.escape(part.prefix)})",) if part.prefix else ()))
+      part_loaded, summary = load(init, abstract_params, param_shardings)
+      loaded.update(part_loaded)
+      summaries.append(f"{part.where}: {len(part_loaded)} params from step {summary['step']} "
+                       f"of {summary['checkpoint']}")
+      continue
+    source = {part.prefix + k: v for k, v in _flat(docking.hf_params(part)).items()}
+    wanted = {k: v for k, v in targets.items() if k.startswith(part.prefix)}
+    problems = [f"  {k} {tuple(v.shape)}: not in the import" for k, v in wanted.items()
+                if k not in source]
+    problems += [f"  {k}: imported {tuple(source[k].shape)}, this model {tuple(v.shape)}"
+                 for k, v in wanted.items() if k in source and
+                 tuple(source[k].shape) != tuple(v.shape)]
+    problems += [f"  {k} {tuple(v.shape)}: imported, used by no param of this model"
+                 for k, v in source.items() if k not in wanted]
+    if problems:
+      raise InitFromMismatchError(
+          f"{part.where}={part.source!r}: the imported params do not line up with "
+          f"config.model.{part.key or 'name'} ({len(problems)} problems):\n"
+          + "\n".join(problems[:20]) + "\nThe part's kwargs come from the checkpoint's "
+          "config.json; a key set in the config that changes the parameters breaks this.")
+    for k, v in source.items():
+      target = targets[k]
+      array = np.asarray(v, target.dtype)
+      loaded[k] = jax.make_array_from_callback(array.shape, shardings[k],
+                                               lambda index, a=array: a[index])
+    summaries.append(f"{part.where}: {len(source)} params imported from {part.hf_dir}")
+  return loaded, summaries
+
+
 def _prune(tree):
   """Drops None leaves and the dicts they leave empty."""
   if isinstance(tree, dict):
@@ -180,4 +231,4 @@ def merge(params: dict, loaded: dict[str, jax.Array]) -> dict:
       lambda kp, leaf: loaded.get(optimizer_lib.path_str(kp), leaf), params)
 
 
-__all__ = ["InitFromMismatchError", "Plan", "load", "merge", "plan"]
+__all__ = ["InitFromMismatchError", "Plan", "load", "load_parts", "merge", "plan"]

@@ -231,7 +231,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
           base.params, init_from_lib.flat_params(restored.params)))
     state = restored
     logger.info("resumed from step %d in %s", restored_step, checkpointer.directory)
-  elif config.init_from.checkpoint:
+  elif config.init_from.checkpoint or config_lib.model_parts(config.model):
     state = start_from(config, family, state, state_shardings, rng)
   start_step = int(state.step)
 
@@ -359,13 +359,21 @@ def _already_complete(config, family, model, state, rest, rng, scheduled, workdi
 
 
 def start_from(config, family, state, state_shardings, rng):
-  """`state` with its params taken from `config.init_from` (and the family's extra state
-  rebuilt from them: mPLUG's momentum encoders start as copies of the loaded params)."""
-  loaded, summary = init_from_lib.load(config.init_from, jax.eval_shape(lambda: state.params),
-                                       state_shardings.params)
-  logger.info("init_from: %d params from step %d of %s; kept fresh: %s; dropped: %s",
-              summary["loaded"], summary["step"], summary["checkpoint"],
-              summary["kept"] or "none", summary["dropped"] or "none")
+  """`state` with its params taken from the docked parts (`config.model.<part>.init_from`),
+  then from `config.init_from` (a whole-model checkpoint, on top), and the family's extra
+  state rebuilt from them (mPLUG's momentum encoders start as copies of the loaded params)."""
+  abstract = jax.eval_shape(lambda: state.params)
+  loaded, summaries = init_from_lib.load_parts(config_lib.model_parts(config.model), abstract,
+                                               state_shardings.params)
+  for line in summaries:
+    logger.info("docked %s", line)
+  if config.init_from.checkpoint:
+    from_checkpoint, summary = init_from_lib.load(config.init_from, abstract,
+                                                  state_shardings.params)
+    logger.info("init_from: %d params from step %d of %s; kept fresh: %s; dropped: %s",
+                summary["loaded"], summary["step"], summary["checkpoint"],
+                summary["kept"] or "none", summary["dropped"] or "none")
+    loaded.update(from_checkpoint)
   extra_key = jax.random.fold_in(rng, 2)
 
   def replace(state, loaded):
