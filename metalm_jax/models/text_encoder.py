@@ -38,16 +38,30 @@ def _dense(einsum_str, shape, names, *, dtype, param_dtype, rngs):
 
 
 class GeluFfn(nnx.Module):
-  """wo(gelu_erf(wi(x) + bi)) + bo: [..., S, D] -> [..., S, D]. wi ('embed','mlp'), wo ('mlp','embed')."""
+  """wo(act(wi(x) + bi)) + bo: [..., S, D] -> [..., S, D]. wi ('embed','mlp'), wo ('mlp','embed').
 
-  def __init__(self, d_model: int, d_ff: int, *, dtype=jnp.float32, param_dtype=jnp.float32,
-               rngs: nnx.Rngs):
+  `activation` (ACTIVATIONS): 'gelu' GELU with the exact erf (BERT, the default);
+  'quick_gelu' x * sigmoid(1.702 x) (OpenAI CLIP); 'gelu_tanh' the tanh approximation
+  (GPT-2's 'gelu_new'). The choice has no parameters: the tree is the same for all.
+  """
+
+  ACTIVATIONS = {
+      'gelu': lambda x: jax.nn.gelu(x, approximate=False),
+      'quick_gelu': lambda x: x * jax.nn.sigmoid(1.702 * x),
+      'gelu_tanh': lambda x: jax.nn.gelu(x, approximate=True),
+  }
+
+  def __init__(self, d_model: int, d_ff: int, *, activation: str = 'gelu', dtype=jnp.float32,
+               param_dtype=jnp.float32, rngs: nnx.Rngs):
+    if activation not in self.ACTIVATIONS:
+      raise ValueError(f'activation={activation!r} is not one of {sorted(self.ACTIVATIONS)}.')
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.activation = activation
     self.wi = _dense('BSD,DF->BSF', (d_model, d_ff), ('embed', 'mlp'), **kw)
     self.wo = _dense('BSF,FD->BSD', (d_ff, d_model), ('mlp', 'embed'), **kw)
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    return self.wo(jax.nn.gelu(self.wi(x), approximate=False))
+    return self.wo(self.ACTIVATIONS[self.activation](self.wi(x)))
 
 
 def relative_position_buckets(q_len: int, k_len: int, num_buckets: int,
@@ -69,16 +83,19 @@ def relative_position_buckets(q_len: int, k_len: int, num_buckets: int,
 
 
 class EncoderLayer(nnx.Module):
-  """One bidirectional layer (pre- or post-LN). [B, S, D] -> [B, S, D]."""
+  """One bidirectional layer (pre- or post-LN). [B, S, D] -> [B, S, D].
+
+  `activation` is the FFN's (`GeluFfn.ACTIVATIONS`; default 'gelu', the exact erf).
+  """
 
   def __init__(self, d_model: int, num_heads: int, d_ff: int, *, norm_position: str,
-               layer_norm_eps: float, dropout_rate: float, dtype=jnp.float32,
-               param_dtype=jnp.float32, rngs: nnx.Rngs):
+               layer_norm_eps: float, dropout_rate: float, activation: str = 'gelu',
+               dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
     kw = dict(dtype=dtype, param_dtype=param_dtype)
     self.norm_position = norm_position
     self.attention = MultiHeadAttention(d_model, num_heads, use_bias=True, rngs=rngs, **kw)
     self.attention_norm = LayerNorm(d_model, epsilon=layer_norm_eps, **kw)
-    self.ffn = GeluFfn(d_model, d_ff, rngs=rngs, **kw)
+    self.ffn = GeluFfn(d_model, d_ff, activation=activation, rngs=rngs, **kw)
     self.ffn_norm = LayerNorm(d_model, epsilon=layer_norm_eps, **kw)
     self.dropout = nnx.Dropout(dropout_rate)
 

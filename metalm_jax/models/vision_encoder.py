@@ -4,8 +4,17 @@ Axis letters: B batch, Y/X patch-grid rows/columns, P patches (Y * X), C channel
 K patch_size * patch_size * C, D d_model.
 
   patches [B, P, K] (non-overlapping p x p tiles, row-major) -> linear patch embedding
-  (equivalent to a stride-p convolution) -> [CLS] prepended (optional) -> + learned 2-D
-  positions -> pre-LN bidirectional layers -> final LayerNorm -> [B, (1 +) P, D].
+  (equivalent to a stride-p convolution; bias optional) -> [CLS] prepended (optional) ->
+  + learned 2-D positions -> LayerNorm (optional, `pre_norm`) -> pre-LN bidirectional layers
+  -> final LayerNorm -> [B, (1 +) P, D].
+
+The CLIP layout (`metalm_jax.models.hf.clip` imports OpenAI / Hugging Face CLIP towers) is
+`pre_norm=True, patch_bias=False, activation='quick_gelu', layer_norm_eps=1e-5`, with
+CLIP's `pre_layrnorm` as `pre_norm` and its `post_layernorm` as `final_norm`. Hugging Face
+applies `post_layernorm` to the pooled [CLS] token only (`pooler_output`) and returns the
+un-normed sequence as `last_hidden_state`; we apply it to every token, because the models
+that read the image tokens (mPLUG, BLIP-style cross-attention) consume the normed sequence.
+So our output is `post_layernorm(last_hidden_state)`, and its row 0 is HF's `pooler_output`.
 
 The position table is a [grid, grid, D] image of embeddings learned at `image_size`; at
 another resolution it is resized bilinearly to the new grid (`interpolate_positions`), so a
@@ -46,15 +55,24 @@ def interpolate_positions(table: jax.Array, grid: tuple[int, int]) -> jax.Array:
 class VisionEncoder(nnx.Module):
   """ViT over images [B, H, W, C] -> image tokens [B, num_tokens, D].
 
-  Parameters: patch_embedding kernel ('patch', 'embed') + bias; cls ('embed',) if use_cls;
-  positions [Y0, X0, D] ('patch_rows', 'patch_cols', 'embed'); cls_position ('embed',); per layer
-  attention, FFN, two LayerNorms (pre-LN); a final LayerNorm.
+  Parameters: patch_embedding kernel ('patch', 'embed') + bias (if patch_bias); cls ('embed',)
+  if use_cls; positions [Y0, X0, D] ('patch_rows', 'patch_cols', 'embed'); cls_position
+  ('embed',); pre_norm (a LayerNorm) if pre_norm; per layer attention, FFN, two LayerNorms
+  (pre-LN); a final LayerNorm.
+
+  Options whose defaults are the METALM ViT (the parameter tree only changes when they do):
+    pre_norm: a LayerNorm on the embeddings (after positions, before the first layer), as
+      CLIP's `pre_layrnorm`.
+    patch_bias: a bias on the patch embedding (CLIP's patch convolution has none).
+    activation: the FFN activation, one of `GeluFfn.ACTIVATIONS` ('gelu' exact erf,
+      'quick_gelu' x * sigmoid(1.702 x) as CLIP, 'gelu_tanh').
   """
 
   def __init__(self, *, image_size: int, patch_size: int, d_model: int, num_layers: int,
                num_heads: int, d_ff: int, channels: int = 3, use_cls: bool = True,
-               layer_norm_eps: float = 1e-6, dropout_rate: float = 0.0, dtype=jnp.float32,
-               param_dtype=jnp.float32, rngs: nnx.Rngs):
+               layer_norm_eps: float = 1e-6, dropout_rate: float = 0.0,
+               pre_norm: bool = False, patch_bias: bool = True, activation: str = 'gelu',
+               dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
     if image_size % patch_size:
       raise ValueError(f'image_size={image_size} is not a multiple of patch_size={patch_size}.')
     kw = dict(dtype=dtype, param_dtype=param_dtype)
@@ -63,7 +81,7 @@ class VisionEncoder(nnx.Module):
     grid = image_size // patch_size
     patch_dim = patch_size * patch_size * channels
     self.patch_embedding = nnx.Einsum(
-        'BPK,KD->BPD', (patch_dim, d_model), (d_model,),
+        'BPK,KD->BPD', (patch_dim, d_model), (d_model,) if patch_bias else None,
         kernel_init=nnx.with_partitioning(nnx.initializers.lecun_normal(), ('patch', 'embed')),
         bias_init=nnx.with_partitioning(nnx.initializers.zeros_init(), ('embed',)),
         rngs=rngs, **kw)
@@ -74,8 +92,9 @@ class VisionEncoder(nnx.Module):
                                    out_sharding=('embed',)) if use_cls else None)
     self.positions = nnx.Param(init(rngs.params(), (grid, grid, d_model), param_dtype),
                                out_sharding=('patch_rows', 'patch_cols', 'embed'))
+    self.pre_norm = LayerNorm(d_model, epsilon=layer_norm_eps, **kw) if pre_norm else None
     self.layers = nnx.List([
-        EncoderLayer(d_model, num_heads, d_ff, norm_position='pre',
+        EncoderLayer(d_model, num_heads, d_ff, norm_position='pre', activation=activation,
                      layer_norm_eps=layer_norm_eps, dropout_rate=dropout_rate, rngs=rngs, **kw)
         for _ in range(num_layers)])
     self.final_norm = LayerNorm(d_model, epsilon=layer_norm_eps, **kw)
@@ -90,6 +109,16 @@ class VisionEncoder(nnx.Module):
   def __call__(self, images: jax.Array, *, deterministic: bool = True,
                rngs: DropoutRngs = None) -> jax.Array:
     """images float [B, H, W, C] (H, W multiples of patch_size) -> [B, num_tokens, D]."""
+    return self.encode(images, deterministic=deterministic, rngs=rngs)[0]
+
+  def encode(self, images: jax.Array, *, deterministic: bool = True,
+             rngs: DropoutRngs = None) -> tuple[jax.Array, dict]:
+    """images float [B, H, W, C] -> (tokens [B, num_tokens, D], {'hidden_states': [...]}).
+
+    hidden_states are [embedding output (after pre_norm, if any), layer 1, ..., layer n],
+    each [B, num_tokens, D], before the final norm (Hugging Face's `hidden_states` layout);
+    tokens = final_norm(hidden_states[-1]).
+    """
     if images.shape[-1] != self.channels:
       raise ValueError(f'images have {images.shape[-1]} channels (shape {images.shape}); the '
                        f'VisionEncoder was built with channels={self.channels}.')
@@ -103,8 +132,12 @@ class VisionEncoder(nnx.Module):
     if self.use_cls:
       cls = (self.cls[...] + self.cls_position[...]).astype(self.dtype)
       x = jnp.concatenate([jnp.broadcast_to(cls, (batch, 1, self.d_model)), x], axis=1)
+    if self.pre_norm is not None:
+      x = self.pre_norm(x)
     x = self.dropout(x, deterministic=deterministic, rngs=rngs)
     mask = jnp.ones((1, 1, 1, x.shape[1]), bool)
+    states = [x]
     for layer in self.layers:
       x = layer(x, mask=mask, deterministic=deterministic, rngs=rngs)
-    return self.final_norm(x)
+      states.append(x)
+    return self.final_norm(x), {'hidden_states': states}
