@@ -29,6 +29,7 @@ from collections.abc import Mapping
 import jax
 import jax.numpy as jnp
 
+from metalm_jax import config as config_lib
 from metalm_jax.config import ConfigError
 from metalm_jax.data import image_text_pipeline
 from metalm_jax.families import base, vl_common
@@ -88,7 +89,19 @@ class MPlugFamily(vl_common.VisionLanguageData, base.Family):
     self.check_images()
 
   def check_model(self, model) -> None:
-    vocab = self.config.model.vocab_size
+    kwargs = config_lib.model_kwargs(self.config.model)[1]  # a docked encoder's vocabulary
+    vocab, mask_id = kwargs["vocab_size"], kwargs.get("mask_id", -1)
+    if mask_id >= 0:  # a tokenizer with its own [MASK] (a docked BERT's)
+      own = {k: getattr(self.tokenizer, k, None) for k in ("mask_id", "pad_id", "bos_id",
+                                                           "eos_id")}
+      wrong = {k: (kwargs.get(k), v) for k, v in own.items()
+               if v is not None and kwargs.get(k, v) != v}
+      if wrong or mask_id >= vocab:
+        raise ConfigError(f"config.model's special ids disagree with the tokenizer "
+                          f"{self.config.data.tokenizer!r} (model, tokenizer): {wrong}, or "
+                          f"mask_id={mask_id} >= vocab_size={vocab}; set them to the "
+                          "tokenizer's.")
+      return
     if vocab <= self.tokenizer.vocab_size:
       raise ConfigError(f"config.model.vocab_size={vocab} leaves no [MASK] id above the "
                         f"tokenizer's {self.tokenizer.vocab_size} ids (config.data."

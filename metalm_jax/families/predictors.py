@@ -18,6 +18,7 @@ from collections.abc import Sequence
 import jax
 import numpy as np
 
+from metalm_jax import config as config_lib
 from metalm_jax.data import image_text_pipeline, prompts, vl_sources
 from metalm_jax.data.prompts import Segment
 from metalm_jax.evaluation import harness
@@ -113,7 +114,8 @@ class MPlugPredictor:
   def __init__(self, family, model, params, rest):
     self.family, self.tokenizer = family, family.tokenizer
     self.module = model.merge(params, rest)
-    self.text_len = family.config.model.text_encoder.max_len
+    kwargs = config_lib.model_kwargs(family.config.model)[1]  # a docked part's from its checkpoint
+    self.text_len = kwargs["text_encoder"]["max_len"]
     self.answer_len = family.config.model.decoder.max_len
 
   def _clean(self, text: str) -> str:

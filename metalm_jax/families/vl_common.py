@@ -11,6 +11,7 @@ import functools
 
 import numpy as np
 
+from metalm_jax import config as config_lib
 from metalm_jax.config import ConfigError
 from metalm_jax.data import images as images_lib
 from metalm_jax.data import prompts, tokenizers, vl_pipeline, vl_sources
@@ -30,9 +31,10 @@ class VisionLanguageData:
   def official(self) -> bool:
     return vl_sources.base_name(self.config.data.dataset) != DIGITS
 
-  @property
+  @functools.cached_property
   def vision(self) -> dict:
-    return dict(self.config.model.vision_encoder)
+    """The vision encoder's kwargs (a docked one's from its checkpoint)."""
+    return dict(config_lib.model_kwargs(self.config.model)[1]["vision_encoder"])
 
   @property
   def image_kind(self) -> str:

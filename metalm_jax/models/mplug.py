@@ -285,7 +285,8 @@ class MPlug(nnx.Module):
 
   Args (the `config.model` keys; nested dicts are the sub-modules' kwargs):
     vocab_size: shared by the text encoder, the MLM head and the decoder. The objectives use
-      the top id, vocab_size - 1, as [MASK]: keep it above the tokenizer's ids.
+      `mask_id` as [MASK], by default the top id, vocab_size - 1: then keep it above the
+      tokenizer's ids.
     d_model: text encoder, fusion and decoder width.
     vision_encoder: VisionEncoder kwargs (use_cls is forced on: ITC reads the image [CLS]);
       a width other than d_model gets a linear projection.
@@ -296,6 +297,8 @@ class MPlug(nnx.Module):
     temperature: initial ITC temperature (0.07); learned, clamped to [min_temperature,
       max_temperature] in the parameter after every update (the trainer's mplug family).
     pad_id, bos_id, eos_id: token ids (the text encoder's [CLS] is bos_id).
+    mask_id: the MLM [MASK] id; -1 (default) = vocab_size - 1. A docked BERT's tokenizer has
+      its own (bert-base-uncased: 103); the mplug family checks it against the tokenizer.
   """
 
   SUBMODULES = {
@@ -310,8 +313,8 @@ class MPlug(nnx.Module):
                text_encoder: Mapping, fusion: Mapping, decoder: Mapping, itc_dim: int = 256,
                temperature: float = 0.07, min_temperature: float = 0.001,
                max_temperature: float = 0.5, dropout_rate: float = 0.0, pad_id: int = 0,
-               bos_id: int = 1, eos_id: int = 2, dtype=jnp.float32, param_dtype=jnp.float32,
-               rngs: nnx.Rngs):
+               bos_id: int = 1, eos_id: int = 2, mask_id: int = -1, dtype=jnp.float32,
+               param_dtype=jnp.float32, rngs: nnx.Rngs):
     if not min_temperature <= temperature <= max_temperature:
       raise ValueError(f'config.model.temperature={temperature} is outside '
                        f'[{min_temperature}, {max_temperature}].')
@@ -319,7 +322,7 @@ class MPlug(nnx.Module):
     common = dict(dropout_rate=dropout_rate, **kw)
     self.vocab_size, self.d_model, self.itc_dim = vocab_size, d_model, itc_dim
     self.pad_id, self.bos_id, self.eos_id = pad_id, bos_id, eos_id
-    self.mask_id = vocab_size - 1
+    self.mask_id = vocab_size - 1 if mask_id < 0 else mask_id
     self.min_temperature, self.max_temperature = min_temperature, max_temperature
     vit = dict(vision_encoder)
     vit.setdefault('dropout_rate', dropout_rate)

@@ -195,6 +195,10 @@ def load_parts(parts, abstract_params, param_shardings) -> tuple[dict, list[str]
       continue
     source = {part.prefix + k: v for k, v in _flat(docking.hf_params(part)).items()}
     wanted = {k: v for k, v in targets.items() if k.startswith(part.prefix)}
+    for k, v in source.items():  # a smaller max_len keeps a position table's first rows
+      if (k.endswith(docking.POSITION_TABLES) and k in wanted
+          and v.shape[1:] == wanted[k].shape[1:] and v.shape[0] > wanted[k].shape[0]):
+        source[k] = v[:wanted[k].shape[0]]
     problems = [f"  {k} {tuple(v.shape)}: not in the import" for k, v in wanted.items()
                 if k not in source]
     problems += [f"  {k}: imported {tuple(source[k].shape)}, this model {tuple(v.shape)}"

@@ -12,8 +12,9 @@ whole model is the decoder).
 'hf:<dir>' (a Hugging Face directory, `models.hf`): the part's architecture comes from the
 directory's config.json; the part's own keys may add what the checkpoint does not fix
 (dropout_rate, scan_layers, remat_policy, attention_impl, ...), repeat a value, import fewer
-layers (`num_layers` below the checkpoint's: the first ones are kept) or, for a vision
-encoder, another `image_size` (the position table is resized bilinearly). Any other
+layers (`num_layers` below the checkpoint's: the first ones are kept), fewer positions
+(`max_len`: the table's first rows) or, for a vision encoder, another `image_size` (the
+position table is resized bilinearly). Any other
 disagreement is an error naming both values. mPLUG injects `vocab_size` / `d_model` /
 `pad_id` into its text encoder from `config.model`; those must then equal the checkpoint's.
 
@@ -51,7 +52,9 @@ PARTS = {
     'decoder': {'': ('decoder', ())},
 }
 # Keys a part may set to a value other than the checkpoint's.
-_TRUNCATABLE = ('num_layers',)
+_TRUNCATABLE = ('num_layers', 'max_len')  # the first layers / positions are kept
+# Learned position tables cut to a smaller max_len (their first rows are kept).
+POSITION_TABLES = ('position_embeddings/embedding', 'position_table/embedding')
 _RESIZABLE = ('image_size',)
 
 
@@ -215,4 +218,4 @@ def _stack(trees: list) -> Any:
   return np.stack(trees)
 
 
-__all__ = ['HF_PREFIX', 'PARTS', 'Part', 'check_available', 'has_parts', 'hf_params', 'resolve']
+__all__ = ['HF_PREFIX', 'PARTS', 'POSITION_TABLES', 'Part', 'check_available', 'has_parts', 'hf_params', 'resolve']
