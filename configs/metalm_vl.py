@@ -7,6 +7,8 @@ r"""METALM vision-language (ViT + bidirectional encoder docked to a causal decod
   python experiments/train.py --config=configs/metalm_vl.py:stage=finetune,peft=lora \
       --workdir=workdirs/metalm_vl_vqa_lora --config.init_from.checkpoint=workdirs/metalm_vl
   python experiments/train.py --config=configs/metalm_vl.py:model=causal --workdir=...
+  python experiments/train.py --config=configs/metalm_vl.py:pretrained=checkpoints,decoder=gpt2,data=official \
+      --workdir=workdirs/metalm_vl_clip_gpt2      # CLIP ViT-B/16 + GPT-2 (docs/pretrained.md)
   python experiments/reproduce.py --table=metalm_digits   # METALM vs the causal baseline
 
 Arguments (comma-separated `key=value`):
@@ -23,6 +25,12 @@ Arguments (comma-separated `key=value`):
             NLVR2 prepared in config.data.data_dir; docs/reproducing.md)
   task      the finetuning task: vqa (default) | caption | nlvr2 (digits); vqav2 | ok_vqa |
             coco | nlvr2 (official)
+  pretrained  a directory of Hugging Face checkpoints (docs/pretrained.md): dock CLIP's
+            ViT (its last layer dropped, frozen) and a pretrained decoder instead of training
+            them from scratch; the text encoder and the connector start fresh and the
+            decoder's tokenizer replaces SentencePiece. '' (default) = everything from scratch.
+  decoder   with pretrained: gpt2 (default) | tinyllama | qwen2 (DECODERS: the repo ids)
+  vit       with pretrained: b16 (default, CLIP ViT-B/16) | l14 (CLIP ViT-L/14)
   peft      (finetune only) lora | bitfit: parameter-efficient finetuning (config.peft;
             docs/training.md): LoRA r=8, alpha=16 on the attention and MLP kernels, or only
             biases and norms; '' (default) trains every parameter.
@@ -69,6 +77,13 @@ SIZES = {
                   dec=dict(d_model=1024, num_layers=24, num_heads=16, d_ff=4096),
                   connector=dict(kind="mlp", num_layers=3)),
 }
+# Pretrained checkpoints: Hugging Face repo ids, read from <pretrained>/<repo id>, and the
+# published values a config needs before they are downloaded (the missing directory then stops
+# the run with what to fetch).
+VITS = {"b16": ("openai/clip-vit-base-patch16", dict(image_size=224, patch_size=16, use_cls=True)),
+        "l14": ("openai/clip-vit-large-patch14", dict(image_size=224, patch_size=14, use_cls=True))}
+DECODERS = {"gpt2": "openai-community/gpt2", "tinyllama": "TinyLlama/TinyLlama_v1.1",
+            "qwen2": "Qwen/Qwen2-0.5B"}
 MODELS = {"metalm": ("semi_causal_vl", "semi_causal_vl_finetune"),
           "causal": ("causal_vl", "causal_vl_finetune")}
 STAGES = ("pretrain", "finetune")
@@ -108,6 +123,31 @@ def model_config(size: str, data: str = "digits") -> dict:
       connector=dict(s["connector"]))
 
 
+def pretrained_model_config(size: str, root: str, decoder: str = "gpt2",
+                            vit: str = "b16") -> dict:
+  """`config.model` of METALM docked on pretrained parts (`pretrained=` argument): CLIP's ViT
+  minus its last layer and a GPT-2 / LLaMA-family decoder from `root`/<repo id>, a fresh
+  pre-LN text encoder in the decoder's vocabulary and a fresh 3-layer MLP connector."""
+  if decoder not in DECODERS:
+    raise ValueError(f"decoder={decoder!r}; valid: {sorted(DECODERS)}")
+  if vit not in VITS:
+    raise ValueError(f"vit={vit!r}; valid: {sorted(VITS)}")
+  s = SIZES[size]
+  vit_repo, published = VITS[vit]
+  vit_dir, decoder_dir = f"{root}/{vit_repo}", f"{root}/{DECODERS[decoder]}"
+  v = config_lib.pretrained_kwargs(vit_dir, "vision_encoder", published)
+  max_span_len = (v["image_size"] // v["patch_size"]) ** 2 + int(v["use_cls"]) + s["prefix"]
+  ids = config_lib.pretrained_special_ids(decoder_dir, dict(pad_id=0, bos_id=1))
+  return dict(
+      name="metalm", mode="dual", max_span_len=max_span_len, trainable_encoder_layers=-1,
+      dtype="float32", param_dtype="float32", **ids,
+      decoder=dict(init_from=f"hf:{decoder_dir}", dropout_rate=s["dropout"]),
+      text_encoder=dict(norm_position="pre", layer_norm_eps=1e-6, type_vocab_size=0,
+                        max_len=max_span_len + 1, dropout_rate=s["dropout"], **s["enc"]),
+      vision_encoder=dict(init_from=f"hf:{vit_dir}", num_layers=-1),
+      connector=dict(kind="mlp", num_layers=3))
+
+
 def evals(size: str, data: str, stage: str, task: str) -> dict:
   """The evaluators of a run: zero- and k-shot after pretraining, the task after finetuning."""
   s = SIZES[size]
@@ -134,8 +174,8 @@ def evals(size: str, data: str, stage: str, task: str) -> dict:
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   args = config_lib.parse_config_args(arg, size="tiny", model="metalm", stage="pretrain",
-                                      data="digits", task="", peft="",
-                                      runlocal="0")
+                                      data="digits", task="", peft="", pretrained="",
+                                      decoder="gpt2", vit="b16", runlocal="0")
   for key, valid in (("size", SIZES), ("model", MODELS), ("stage", STAGES), ("data", DATA)):
     if args[key] not in valid:
       raise ValueError(f"{key}={args[key]!r}; valid: {sorted(valid)}")
@@ -151,7 +191,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   s = SIZES[size]
   config = config_lib.base_config()
   config.family = "metalm_vl"
-  config.model = ml_collections.ConfigDict(model_config(size, data))
+  pretrained = args["pretrained"]
+  config.model = ml_collections.ConfigDict(
+      pretrained_model_config(size, pretrained, args["decoder"], args["vit"]) if pretrained
+      else model_config(size, data))
   config.objective = MODELS[args["model"]][0 if stage == "pretrain" else 1]
   dataset, kind = TASKS[data][task]
   if stage == "pretrain":
@@ -165,9 +208,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # digits rows keep 2 image slots (NLVR2 pairs), as the digits pipeline always did.
   config.data.max_images = 2 if data == "digits" or kind == "nlvr2" else 1
   config.data.image_preprocessing = "digits" if data == "digits" else "rgb"
+  if pretrained:  # CLIP's pixels, the decoder's tokenizer; the docked ViT stays frozen
+    config.data.image_preprocessing = "clip"
+    config.data.tokenizer = config.model.decoder.init_from
+    config.optimizer.freeze = ("^vision_encoder/",)
   # Paper size on official data decodes and resizes 256 JPEGs a step: grain worker processes.
   config.data.worker_count = 8 if size == "paper" and data == "official" else 0
-  config.data.vocab_size = config.model.decoder.vocab_size
+  config.data.vocab_size = config.model.decoder.get("vocab_size", SIZES[size]["vocab"])
   # Official texts (NLVR2 statements, VQA questions) take more tokens than the templates;
   # an NLVR2 row holds its statement twice (once paired with each image), so twice the room.
   # digits: seq_len holds the longest template, an NLVR2 row (68 SentencePiece tokens).

@@ -20,6 +20,11 @@ Arguments (comma-separated `key=value`):
             generation and by answer-list ranking)
   data      digits (default: the bundled digits_vl) | official (COCO Karpathy captions and
             VQAv2, prepared in config.data.data_dir; docs/reproducing.md)
+  pretrained  a directory of Hugging Face checkpoints (docs/pretrained.md): start as the paper
+            does, from CLIP's ViT (B/16 at size=base, L/14 at size=large; its last layer
+            dropped) and the first text-encoder layers of BERT-base (uncased, with its WordPiece
+            tokenizer and [MASK]); fusion, decoder and heads start fresh. '' (default) =
+            everything from scratch.
   runlocal  1 = a few steps and a few evaluation examples: a smoke run.
 
 Pretrain -> finetune is two runs: the finetune's `config.init_from.checkpoint` names the
@@ -87,9 +92,33 @@ def model_config(size: str) -> dict:
       decoder=dict(num_layers=s["decoder_layers"], max_len=s["text_len"], **layer))
 
 
+# Pretrained checkpoints (Hugging Face repo ids under the `pretrained` directory) and the
+# published values used while they are not downloaded yet (the run then stops with the list).
+PRETRAINED_VIT = {"large": "openai/clip-vit-large-patch14"}  # every other size: ViT-B/16
+DEFAULT_VIT = "openai/clip-vit-base-patch16"
+BERT = "google-bert/bert-base-uncased"
+BERT_IDS = dict(pad_id=0, bos_id=101, eos_id=102, mask_id=103)  # [PAD] [CLS] [SEP] [MASK]
+
+
+def pretrained_model_config(size: str, root: str) -> dict:
+  """`config.model` of mPLUG started from CLIP's ViT and BERT-base (`pretrained=` argument):
+  vocab_size and d_model come from BERT, the special ids from its tokenizer."""
+  model = model_config(size)
+  for key in ("vocab_size", "d_model", "pad_id", "bos_id", "eos_id"):
+    model.pop(key)
+  bert = f"{root}/{BERT}"
+  model.update(config_lib.pretrained_special_ids(bert, BERT_IDS))
+  model["vision_encoder"] = dict(init_from=f"hf:{root}/{PRETRAINED_VIT.get(size, DEFAULT_VIT)}",
+                                 num_layers=-1)
+  text = model["text_encoder"]
+  model["text_encoder"] = dict(init_from=f"hf:{bert}", num_layers=text["num_layers"],
+                               max_len=text["max_len"])
+  return model
+
+
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   args = config_lib.parse_config_args(arg, size="tiny", stage="pretrain", data="digits",
-                                      runlocal="0")
+                                      pretrained="", runlocal="0")
   s = SIZES.get(args["size"])
   if s is None:
     raise ValueError(f"size={args['size']!r}; valid sizes: {sorted(SIZES)}")
@@ -99,11 +128,16 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   stage, official = args["stage"], args["data"] == "official"
   config = config_lib.base_config()
   config.family = "mplug"
-  config.model = ml_collections.ConfigDict(model_config(args["size"]))
-  if official:
+  pretrained = args["pretrained"]
+  config.model = ml_collections.ConfigDict(
+      pretrained_model_config(args["size"], pretrained) if pretrained
+      else model_config(args["size"]))
+  if official and not pretrained:
     config.model.vision_encoder.channels = 3
   config.data.seq_len = s["text_len"]
-  config.data.image_preprocessing = "clip" if official else "digits"
+  config.data.image_preprocessing = "clip" if official or pretrained else "digits"
+  if pretrained:
+    config.data.tokenizer = config.model.text_encoder.init_from  # BERT's WordPiece
   # Paper sizes on official data decode and resize 1,024 JPEGs a step: grain worker processes.
   config.data.worker_count = 8 if official and args["size"] in ("base", "large") else 0
   # The tokenizer's size; the model's vocabulary has one more id on top: [MASK].

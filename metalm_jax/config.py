@@ -315,6 +315,29 @@ def model_parts(model_config) -> list:
   return _resolve_model(model_config)[2]
 
 
+def pretrained_kwargs(path: str, part: str, default: dict) -> dict:
+  """The module kwargs of a pretrained part at `path` (a Hugging Face directory), or
+  `default` (its published values) while the directory is not there yet: what a config needs
+  to size the rest of the model (e.g. the image tokens a CLIP ViT gives). A missing directory
+  is reported, with what to download, when the run starts (`models.hf.docking`)."""
+  from metalm_jax.models import hf
+
+  if not os.path.isfile(os.path.join(path, "config.json")):
+    return dict(default)
+  return hf.module_kwargs(path, part)
+
+
+def pretrained_special_ids(path: str, default: dict) -> dict:
+  """{'pad_id', 'bos_id', 'eos_id', ('cls_id', 'sep_id', 'mask_id')} of the Hugging Face
+  tokenizer at `path`, or `default` while the directory is not there yet."""
+  if not os.path.isfile(os.path.join(path, "tokenizer.json")):
+    return dict(default)
+  from metalm_jax.data import tokenizers
+
+  tok = tokenizers.get_tokenizer(f"hf:{path}")
+  return {k: getattr(tok, k) for k in default}
+
+
 def encoder_tokenizer_kind(config) -> str:
   """The tokenizer kind of an own-vocabulary text encoder's spans (config.data.encoder_tokenizer,
   else the 'hf:' directory the encoder is docked from); '' when the encoder reads the

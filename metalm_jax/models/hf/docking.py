@@ -12,7 +12,8 @@ whole model is the decoder).
 'hf:<dir>' (a Hugging Face directory, `models.hf`): the part's architecture comes from the
 directory's config.json; the part's own keys may add what the checkpoint does not fix
 (dropout_rate, scan_layers, remat_policy, attention_impl, ...), repeat a value, import fewer
-layers (`num_layers` below the checkpoint's: the first ones are kept), fewer positions
+layers (`num_layers` below the checkpoint's: the first ones are kept; -k: all but the last
+k, as mPLUG drops CLIP's last layer with num_layers=-1), fewer positions
 (`max_len`: the table's first rows) or, for a vision encoder, another `image_size` (the
 position table is resized bilinearly). Any other
 disagreement is an error naming both values. mPLUG injects `vocab_size` / `d_model` /
@@ -146,6 +147,9 @@ def _merge_kwargs(where: str, imported: dict, given: Mapping, injected: Mapping)
     if key == 'init_from' or key not in imported or value == imported[key]:
       if key != 'init_from':
         out[key] = value
+      continue
+    if key == 'num_layers' and isinstance(value, int) and value < 0 < imported[key] + value:
+      out[key] = imported[key] + value  # -k: all but the last k layers
       continue
     if key in _TRUNCATABLE and isinstance(value, int) and 1 <= value <= imported[key]:
       out[key] = value
