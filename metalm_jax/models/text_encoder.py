@@ -12,7 +12,16 @@ erf (as BERT), LayerNorm with `layer_norm_eps`. Optional: token-type embeddings
 (`type_vocab_size` > 0) and a T5-style bucketed relative position bias shared by all layers
 (`relative_buckets` > 0), added to the attention logits.
 
-`metalm_jax.models.hf_import` maps Hugging Face BERT checkpoints onto the 'post' layout.
+Positions: token i of a row reads row `position_offset + i` of the table (default 0, so
+inputs of up to max_len tokens). RoBERTa / XLM-R checkpoints number positions from
+padding_idx + 1 (fairseq), so their importer sets position_offset = pad_token_id + 1 and
+max_len = max_position_embeddings (the table as saved); such an encoder reads at most
+max_len - position_offset tokens. Rows are taken as right-padded: Hugging Face gives padding
+tokens position padding_idx, here they continue the count, which changes only the hidden
+states of padding positions (never attended as keys).
+
+`metalm_jax.models.hf.bert` maps Hugging Face BERT / RoBERTa / XLM-R checkpoints onto the
+'post' layout (`metalm_jax.models.hf_import` is the older facade over it).
 """
 from __future__ import annotations
 
@@ -117,21 +126,29 @@ class TextEncoder(nnx.Module):
   ('vocab', 'embed') if type_vocab_size > 0; embedding LayerNorm (post) or final LayerNorm
   (pre); per layer attention (q/k/v/o with biases), FFN, two LayerNorms; relative bias
   table ('relpos_buckets', 'heads') if relative_buckets > 0.
+
+  `position_offset` (default 0) shifts the positions read from the table: token i reads row
+  position_offset + i (RoBERTa: pad_token_id + 1); inputs hold at most max_len -
+  position_offset tokens. It adds no parameter.
   """
 
   def __init__(self, *, vocab_size: int, d_model: int, num_layers: int, num_heads: int,
                d_ff: int, max_len: int = 512, type_vocab_size: int = 2,
                norm_position: str = 'post', layer_norm_eps: float = 1e-12,
                relative_buckets: int = 0, relative_max_distance: int = 128,
-               dropout_rate: float = 0.0, pad_id: int = 0, dtype=jnp.float32,
-               param_dtype=jnp.float32, rngs: nnx.Rngs):
+               dropout_rate: float = 0.0, pad_id: int = 0, position_offset: int = 0,
+               dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
     if norm_position not in NORM_POSITIONS:
       raise ValueError(f'norm_position={norm_position!r} is not one of {NORM_POSITIONS}.')
     if relative_buckets < 0 or relative_buckets == 1:
       raise ValueError(f'relative_buckets={relative_buckets}: use 0 (off) or >= 2.')
+    if not 0 <= position_offset < max_len:
+      raise ValueError(f'position_offset={position_offset} must be in [0, max_len={max_len}): '
+                       'token i reads row position_offset + i of the max_len-row table.')
     kw = dict(dtype=dtype, param_dtype=param_dtype)
     self.d_model, self.num_layers, self.max_len = d_model, num_layers, max_len
     self.norm_position, self.pad_id, self.dtype = norm_position, pad_id, dtype
+    self.position_offset = position_offset
     self.relative_buckets, self.relative_max_distance = relative_buckets, relative_max_distance
     self.word_embeddings = Embed(vocab_size, d_model, rngs=rngs, **kw)
     self.position_embeddings = LearnedPositions(max_len, d_model, rngs=rngs, **kw)
@@ -171,12 +188,13 @@ class TextEncoder(nnx.Module):
       (hidden [B, S, D], {'hidden_states': [embedding output, layer 1, ..., layer n]}).
     """
     batch, length = embeddings.shape[:2]
-    if length > self.max_len:
-      raise ValueError(f'encoder input length {length} exceeds max_len={self.max_len}; build '
-                       'the TextEncoder with a larger max_len or shorten the spans.')
+    if length + self.position_offset > self.max_len:
+      offset = f' - position_offset={self.position_offset}' if self.position_offset else ''
+      raise ValueError(f'encoder input length {length} exceeds max_len={self.max_len}{offset}; '
+                       'build the TextEncoder with a larger max_len or shorten the spans.')
     if isinstance(rngs, jax.Array):
       rngs = nnx.Rngs(dropout=rngs)
-    positions = jnp.broadcast_to(jnp.arange(length), (batch, length))
+    positions = jnp.broadcast_to(jnp.arange(length) + self.position_offset, (batch, length))
     x = embeddings.astype(self.dtype) + self.position_embeddings(positions)
     if self.token_type_embeddings is not None:
       types = jnp.zeros((batch, length), jnp.int32) if token_types is None else token_types
