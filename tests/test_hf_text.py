@@ -265,3 +265,20 @@ def test_lm_pipeline_batches_with_an_hf_tokenizer(tmp_path, pydoc_data_dir):
   assert starts.any() and np.all(inp[seg > 0] < tok.vocab_size)
   text = source[0]["text"].decode("utf-8")
   assert tok.decode(np.r_[tok.bos_id, tok.encode(text), tok.eos_id]) == text
+
+
+def test_lm_family_reads_an_hf_tokenizer_kind(tmp_path, pydoc_data_dir):
+  """config.data.tokenizer = 'hf:<dir>' through the lm family (tokenizer, vocab check, batches)."""
+  from metalm_jax import families
+  from tests.conftest import tiny_config
+
+  path = _byte_bpe_dir(tmp_path)
+  family = families.build(tiny_config(pydoc_data_dir, **{"data.tokenizer": "hf:" + path}))
+  assert isinstance(family.tokenizer, tokenizers.HFTokenizer) and family.tokenizer.path == path
+  family.check_model(None)
+  batch = next(iter(family.train_dataset(batch_size=2, process_index=0, process_count=1)))
+  assert batch["inputs"].shape == (2, family.config.data.seq_len)
+  missing = families.build(tiny_config(pydoc_data_dir,
+                                       **{"data.tokenizer": f"hf:{tmp_path}/missing"}))
+  with pytest.raises(ValueError, match="missing.*does not exist"):
+    missing.tokenizer  # noqa: B018

@@ -12,16 +12,7 @@ erf (as BERT), LayerNorm with `layer_norm_eps`. Optional: token-type embeddings
 (`type_vocab_size` > 0) and a T5-style bucketed relative position bias shared by all layers
 (`relative_buckets` > 0), added to the attention logits.
 
-Positions: token i of a row reads row `position_offset + i` of the table (default 0, so
-inputs of up to max_len tokens). RoBERTa / XLM-R checkpoints number positions from
-padding_idx + 1 (fairseq), so their importer sets position_offset = pad_token_id + 1 and
-max_len = max_position_embeddings (the table as saved); such an encoder reads at most
-max_len - position_offset tokens. Rows are taken as right-padded: Hugging Face gives padding
-tokens position padding_idx, here they continue the count, which changes only the hidden
-states of padding positions (never attended as keys).
-
-`metalm_jax.models.hf.bert` maps Hugging Face BERT / RoBERTa / XLM-R checkpoints onto the
-'post' layout (`metalm_jax.models.hf_import` is the older facade over it).
+`metalm_jax.models.hf_import` maps Hugging Face BERT checkpoints onto the 'post' layout.
 """
 from __future__ import annotations
 
@@ -128,8 +119,12 @@ class TextEncoder(nnx.Module):
   table ('relpos_buckets', 'heads') if relative_buckets > 0.
 
   `position_offset` (default 0) shifts the positions read from the table: token i reads row
-  position_offset + i (RoBERTa: pad_token_id + 1); inputs hold at most max_len -
-  position_offset tokens. It adds no parameter.
+  position_offset + i, so inputs hold at most max_len - position_offset tokens; it adds no
+  parameter. RoBERTa / XLM-R number positions from padding_idx + 1 (fairseq), so
+  `metalm_jax.models.hf.bert` builds them with position_offset = pad_token_id + 1 over the
+  saved table (max_len = max_position_embeddings). Rows are taken as right-padded: Hugging
+  Face gives padding tokens position padding_idx, here they continue the count, which
+  changes only the hidden states at padding positions (never attended as keys).
   """
 
   def __init__(self, *, vocab_size: int, d_model: int, num_layers: int, num_heads: int,
@@ -142,7 +137,7 @@ class TextEncoder(nnx.Module):
       raise ValueError(f'norm_position={norm_position!r} is not one of {NORM_POSITIONS}.')
     if relative_buckets < 0 or relative_buckets == 1:
       raise ValueError(f'relative_buckets={relative_buckets}: use 0 (off) or >= 2.')
-    if not 0 <= position_offset < max_len:
+    if position_offset < 0 or (position_offset and position_offset >= max_len):
       raise ValueError(f'position_offset={position_offset} must be in [0, max_len={max_len}): '
                        'token i reads row position_offset + i of the max_len-row table.')
     kw = dict(dtype=dtype, param_dtype=param_dtype)
