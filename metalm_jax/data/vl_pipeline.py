@@ -331,7 +331,8 @@ def max_text_length(tokenizer: tokenizers.Tokenizer) -> int:
 
 def get_vl_tokenizer(kind: str, *, data_dir: str | None = None,
                      vocab_size: int = SENTENCEPIECE_VOCAB_SIZE) -> tokenizers.Tokenizer:
-  """'byte', or a SentencePiece model of the digits templates cached under data_dir.
+  """'byte', 'hf:<dir>' (a Hugging Face tokenizer.json, `tokenizers.HFTokenizer`), or a
+  SentencePiece model of the digits templates cached under data_dir.
 
   The SentencePiece model is trained on `sentencepiece_texts()` (the templates are a closed
   set, so no split leaks) and cached at
@@ -339,9 +340,11 @@ def get_vl_tokenizer(kind: str, *, data_dir: str | None = None,
   """
   if kind == "byte":
     return tokenizers.ByteTokenizer()
+  if kind.startswith(tokenizers.HF_PREFIX):
+    return tokenizers.hf_tokenizer(kind)
   if kind != "sentencepiece":
     raise ValueError(f"Unknown tokenizer kind {kind!r}; kinds: "
-                     f"{list(tokenizers.TOKENIZER_KINDS)}.")
+                     f"{list(tokenizers.TOKENIZER_KINDS)} {tokenizers.HF_KIND_HELP}.")
   path = tokenizers.sentencepiece_model_path(data_dir or datasets.default_data_dir(), DATASET,
                                              vocab_size)
   if os.path.exists(path):

@@ -134,21 +134,33 @@ class TextEncoder(nnx.Module):
   ('vocab', 'embed') if type_vocab_size > 0; embedding LayerNorm (post) or final LayerNorm
   (pre); per layer attention (q/k/v/o with biases), FFN, two LayerNorms; relative bias
   table ('relpos_buckets', 'heads') if relative_buckets > 0.
+
+  `position_offset` (default 0) shifts the positions read from the table: token i reads row
+  position_offset + i, so inputs hold at most max_len - position_offset tokens; it adds no
+  parameter. RoBERTa / XLM-R number positions from padding_idx + 1 (fairseq), so
+  `metalm_jax.models.hf.bert` builds them with position_offset = pad_token_id + 1 over the
+  saved table (max_len = max_position_embeddings). Rows are taken as right-padded: Hugging
+  Face gives padding tokens position padding_idx, here they continue the count, which
+  changes only the hidden states at padding positions (never attended as keys).
   """
 
   def __init__(self, *, vocab_size: int, d_model: int, num_layers: int, num_heads: int,
                d_ff: int, max_len: int = 512, type_vocab_size: int = 2,
                norm_position: str = 'post', layer_norm_eps: float = 1e-12,
                relative_buckets: int = 0, relative_max_distance: int = 128,
-               dropout_rate: float = 0.0, pad_id: int = 0, dtype=jnp.float32,
-               param_dtype=jnp.float32, rngs: nnx.Rngs):
+               dropout_rate: float = 0.0, pad_id: int = 0, position_offset: int = 0,
+               dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
     if norm_position not in NORM_POSITIONS:
       raise ValueError(f'norm_position={norm_position!r} is not one of {NORM_POSITIONS}.')
     if relative_buckets < 0 or relative_buckets == 1:
       raise ValueError(f'relative_buckets={relative_buckets}: use 0 (off) or >= 2.')
+    if position_offset < 0 or (position_offset and position_offset >= max_len):
+      raise ValueError(f'position_offset={position_offset} must be in [0, max_len={max_len}): '
+                       'token i reads row position_offset + i of the max_len-row table.')
     kw = dict(dtype=dtype, param_dtype=param_dtype)
     self.d_model, self.num_layers, self.max_len = d_model, num_layers, max_len
     self.norm_position, self.pad_id, self.dtype = norm_position, pad_id, dtype
+    self.position_offset = position_offset
     self.relative_buckets, self.relative_max_distance = relative_buckets, relative_max_distance
     self.word_embeddings = Embed(vocab_size, d_model, rngs=rngs, **kw)
     self.position_embeddings = LearnedPositions(max_len, d_model, rngs=rngs, **kw)
@@ -188,12 +200,13 @@ class TextEncoder(nnx.Module):
       (hidden [B, S, D], {'hidden_states': [embedding output, layer 1, ..., layer n]}).
     """
     batch, length = embeddings.shape[:2]
-    if length > self.max_len:
-      raise ValueError(f'encoder input length {length} exceeds max_len={self.max_len}; build '
-                       'the TextEncoder with a larger max_len or shorten the spans.')
+    if length + self.position_offset > self.max_len:
+      offset = f' - position_offset={self.position_offset}' if self.position_offset else ''
+      raise ValueError(f'encoder input length {length} exceeds max_len={self.max_len}{offset}; '
+                       'build the TextEncoder with a larger max_len or shorten the spans.')
     if isinstance(rngs, jax.Array):
       rngs = nnx.Rngs(dropout=rngs)
-    positions = jnp.broadcast_to(jnp.arange(length), (batch, length))
+    positions = jnp.broadcast_to(jnp.arange(length) + self.position_offset, (batch, length))
     x = embeddings.astype(self.dtype) + self.position_embeddings(positions)
     if self.token_type_embeddings is not None:
       types = jnp.zeros((batch, length), jnp.int32) if token_types is None else token_types

@@ -29,6 +29,7 @@ from metalm_jax.models.hf.common import HFImportError, Tensors, listing, read_co
 IMPORTERS = {
     'bert': 'metalm_jax.models.hf.bert',
     'roberta': 'metalm_jax.models.hf.bert',
+    'xlm-roberta': 'metalm_jax.models.hf.bert',
     'clip': 'metalm_jax.models.hf.clip',
     'clip_vision_model': 'metalm_jax.models.hf.clip',
     'gpt2': 'metalm_jax.models.hf.decoders',
