@@ -268,7 +268,8 @@ class MultiHeadAttention(nnx.Module):
 
   def __init__(self, d_model: int, num_heads: int, *, num_kv_heads: int | None = None,
                head_dim: int | None = None, use_bias: bool = False,
-               out_bias: bool | None = None, dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs,
+               out_bias: bool | None = None, dtype=jnp.float32, param_dtype=jnp.float32,
+               rngs: nnx.Rngs,
                implementation: str = 'reference', blockwise_threshold: int | None = None,
                block_size: int = BLOCK_SIZE):
     num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
