@@ -19,6 +19,12 @@ CONFIGS = {
                         norm='layernorm', tie_embeddings=True),
     'learned_mha': dict(position='learned', dropout_rate=0.3),
     'sinusoidal_gqa': dict(position='sinusoidal', num_kv_heads=2, attention_impl='xla'),
+    # Hugging Face checkpoint layouts (models.hf.decoders): Qwen2-like, GPT-2-like.
+    'rope_qkv_bias_tied': dict(position='rope', num_kv_heads=2, attention_bias='qkv',
+                               rope_theta=1e6, norm_epsilon=1e-5, tie_embeddings=True,
+                               scale_tied_logits=False),
+    'learned_all_bias': dict(position='learned', mlp_activation='gelu', norm='layernorm',
+                             attention_bias='all', mlp_bias=True),
 }
 
 
@@ -219,3 +225,17 @@ def test_blockwise_threshold_switches_the_decoder_without_changing_its_output():
   want, _ = plain(tokens, segment_ids=segments)
   got, _ = blockwise(tokens, segment_ids=segments)
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_checkpoint_layout_options(tokens):
+  """attention_bias is validated; biases appear only where asked; scale_tied_logits=False
+  drops the 1/sqrt(d_model) of the tied head and nothing else."""
+  with pytest.raises(ValueError, match="attention_bias='out'"):
+    Decoder(**BASE, attention_bias='out', rngs=nnx.Rngs(0))
+  qkv = nnx.state(Decoder(**BASE, attention_bias='qkv', rngs=nnx.Rngs(0)),
+                  nnx.Param).to_pure_dict()['blocks'][0]['attention']
+  assert 'bias' in qkv['query'] and 'bias' in qkv['value'] and 'bias' not in qkv['out']
+  scaled = Decoder(**BASE, tie_embeddings=True, rngs=nnx.Rngs(0))
+  plain = Decoder(**BASE, tie_embeddings=True, scale_tied_logits=False, rngs=nnx.Rngs(0))
+  np.testing.assert_allclose(np.asarray(plain(tokens)[0]) / np.sqrt(D),
+                             np.asarray(scaled(tokens)[0]), rtol=1e-5, atol=1e-6)

@@ -256,7 +256,8 @@ class MultiHeadAttention(nnx.Module):
     query.kernel [D, N, H] ('embed', 'heads', 'head_dim')
     key.kernel, value.kernel [D, K, H] ('embed', 'kv_heads', 'head_dim')
     out.kernel [N, H, D] ('heads', 'head_dim', 'embed')
-    biases (use_bias=True): the kernels' output axes.
+    biases (use_bias=True): the kernels' output axes; `out_bias` overrides use_bias for
+      the output projection alone (Qwen2: q / k / v biases, none on the output).
 
   Building blocks (`queries`, `keys_values`, `attend`) are public so that composite
   layers (e.g. cross-attention over cached encoder keys) can reuse them.
@@ -267,7 +268,8 @@ class MultiHeadAttention(nnx.Module):
 
   def __init__(self, d_model: int, num_heads: int, *, num_kv_heads: int | None = None,
                head_dim: int | None = None, use_bias: bool = False,
-               dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs,
+               out_bias: bool | None = None, dtype=jnp.float32, param_dtype=jnp.float32,
+               rngs: nnx.Rngs,
                implementation: str = 'reference', blockwise_threshold: int | None = None,
                block_size: int = BLOCK_SIZE):
     num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
@@ -288,7 +290,9 @@ class MultiHeadAttention(nnx.Module):
     self.head_dim, self.implementation, self.dtype = head_dim, implementation, dtype
     self.blockwise_threshold, self.block_size = blockwise_threshold, block_size
 
-    def proj(einsum_str, shape, names, in_axis, out_axis):
+    out_bias = use_bias if out_bias is None else out_bias
+
+    def proj(einsum_str, shape, names, in_axis, out_axis, use_bias=use_bias):
       bias_names = tuple(names[a] for a in range(len(names)) if a not in in_axis)
       return nnx.Einsum(
           einsum_str, shape,
@@ -304,7 +308,7 @@ class MultiHeadAttention(nnx.Module):
     self.value = proj('BSD,DKH->BSKH', (d_model, num_kv_heads, head_dim),
                       ('embed', 'kv_heads', 'head_dim'), (0,), (1, 2))
     self.out = proj('BTNH,NHD->BTD', (num_heads, head_dim, d_model),
-                    ('heads', 'head_dim', 'embed'), (0, 1), (2,))
+                    ('heads', 'head_dim', 'embed'), (0, 1), (2,), use_bias=out_bias)
 
   def queries(self, x: jax.Array, positions: jax.Array | None = None,
               rotary: RotaryFn | None = None) -> jax.Array:

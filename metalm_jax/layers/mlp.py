@@ -22,6 +22,9 @@ def _dense(einsum_str, shape, names, use_bias, dtype, param_dtype, rngs):
 class Mlp(nnx.Module):
   """[B, L, D] -> [B, L, D] feed-forward block.
 
+  `gelu` is the tanh approximation (jax.nn.gelu default), i.e. Hugging Face's
+  'gelu_new' / 'gelu_pytorch_tanh' (GPT-2).
+
   'gelu':   wo(gelu(wi(x)))
   'swiglu': wo(silu(wi_gate(x)) * wi(x))   (Shazeer 2020, "GLU Variants Improve Transformer")
 

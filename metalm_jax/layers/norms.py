@@ -45,10 +45,12 @@ class LayerNorm(nnx.Module):
     return out.astype(self.dtype)
 
 
-def make_norm(kind: str, dim: int, *, dtype=jnp.float32, param_dtype=jnp.float32):
-  """'rmsnorm' -> RMSNorm, 'layernorm' -> LayerNorm."""
+def make_norm(kind: str, dim: int, *, epsilon: float = 1e-6, dtype=jnp.float32,
+              param_dtype=jnp.float32):
+  """'rmsnorm' -> RMSNorm, 'layernorm' -> LayerNorm, with `epsilon` added to the variance
+  (1e-6 by default; Hugging Face checkpoints: rms_norm_eps / layer_norm_epsilon)."""
   if kind == 'rmsnorm':
-    return RMSNorm(dim, dtype=dtype, param_dtype=param_dtype)
+    return RMSNorm(dim, epsilon=epsilon, dtype=dtype, param_dtype=param_dtype)
   if kind == 'layernorm':
-    return LayerNorm(dim, dtype=dtype, param_dtype=param_dtype)
+    return LayerNorm(dim, epsilon=epsilon, dtype=dtype, param_dtype=param_dtype)
   raise ValueError(f'norm={kind!r} is not one of {NORMS}.')

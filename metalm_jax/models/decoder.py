@@ -27,8 +27,20 @@ Activation sharding: the residual stream is pinned to RESIDUAL_AXES after the em
 after every block (inside the scan too), the logits to LOGITS_AXES, by
 `sharding.constrain_activation`: a no-op unless a train / eval step traces the model inside
 `sharding.activation_sharding(mesh, rules)`.
+
+Checkpoint-layout options (defaults = the project's own layout; they let Hugging Face
+GPT-2 / LLaMA / Qwen2 / Mistral weights load exactly, see `models.hf.decoders`):
+  norm_epsilon       variance epsilon of every norm (1e-6; GPT-2 1e-5, LLaMA rms_norm_eps).
+  attention_bias     ATTENTION_BIASES: 'none'; 'qkv' biases on the q / k / v projections
+                     (Qwen2); 'all' also on the output projection (GPT-2).
+  mlp_bias           biases on the MLP projections (GPT-2).
+  rope_theta         the RoPE wavelength base (10000; Qwen2 1e6).
+  scale_tied_logits  with tie_embeddings, logits = embed.attend(h) / sqrt(d_model) (True,
+                     the project's own head) or embed.attend(h) (False: GPT-2, tied LLaMA).
 """
 from __future__ import annotations
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -45,6 +57,8 @@ from metalm_jax.layers.norms import make_norm
 from metalm_jax.sharding import constrain_activation
 
 POSITIONS = ('rope', 'learned', 'sinusoidal')
+ATTENTION_BIASES = ('none', 'qkv', 'all')
+DEFAULT_ROPE_THETA = 10000.0
 DropoutRngs = nnx.Rngs | jax.Array | None
 SAVED_NAMES = ('mixer_out', 'mlp_out')  # checkpoint_name tags: attention / Mamba, MLP
 # Logical axes of the residual stream [B, L, D] and of the logits [B, L, V] (sharding rules).
@@ -143,22 +157,31 @@ def unstack_layer_params(params: dict) -> dict:
 
 
 class DecoderBlock(nnx.Module):
-  """Pre-LN block: x + drop(attn(norm(x))), then x + drop(mlp(norm(x))). [B, L, D] -> same."""
+  """Pre-LN block: x + drop(attn(norm(x))), then x + drop(mlp(norm(x))). [B, L, D] -> same.
+
+  `norm_epsilon`, `attention_bias` (ATTENTION_BIASES) and `mlp_bias` as in `Decoder`.
+  """
 
   def __init__(self, d_model: int, num_heads: int, d_ff: int, *,
                num_kv_heads: int | None = None, head_dim: int | None = None,
                mlp_activation: str = 'swiglu', norm: str = 'rmsnorm',
+               norm_epsilon: float = 1e-6, attention_bias: str = 'none',
+               mlp_bias: bool = False,
                dropout_rate: float = 0.0, attention_impl: str = 'reference',
                blockwise_threshold: int | None = None, block_size: int = 512,
                dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
+    if attention_bias not in ATTENTION_BIASES:
+      raise ValueError(f'attention_bias={attention_bias!r} is not one of {ATTENTION_BIASES}.')
     kw = dict(dtype=dtype, param_dtype=param_dtype)
-    self.attn_norm = make_norm(norm, d_model, **kw)
+    self.attn_norm = make_norm(norm, d_model, epsilon=norm_epsilon, **kw)
     self.attention = MultiHeadAttention(d_model, num_heads, num_kv_heads=num_kv_heads,
-                                        head_dim=head_dim, implementation=attention_impl,
+                                        head_dim=head_dim, use_bias=attention_bias != 'none',
+                                        out_bias=attention_bias == 'all',
+                                        implementation=attention_impl,
                                         blockwise_threshold=blockwise_threshold,
                                         block_size=block_size, rngs=rngs, **kw)
-    self.mlp_norm = make_norm(norm, d_model, **kw)
-    self.mlp = Mlp(d_model, d_ff, activation=mlp_activation, rngs=rngs, **kw)
+    self.mlp_norm = make_norm(norm, d_model, epsilon=norm_epsilon, **kw)
+    self.mlp = Mlp(d_model, d_ff, activation=mlp_activation, use_bias=mlp_bias, rngs=rngs, **kw)
     self.dropout = nnx.Dropout(dropout_rate)
 
   def __call__(self, x: jax.Array, *, mask: jax.Array | None = None,
@@ -193,8 +216,12 @@ class TokenLM:
   """What the decoder families share: tokens or embeddings in, positions, masks, logits out.
 
   Mixed into `Decoder` and `HybridDecoder`, which set `embedder`, `position`,
-  `position_table`, `head`, `d_model`, `dtype` and `blockwise_threshold`.
+  `position_table`, `head`, `d_model`, `dtype` and `blockwise_threshold` (and may set
+  `rope_theta` / `scale_tied_logits`, whose class defaults are the project's own layout).
   """
+
+  rope_theta: float = DEFAULT_ROPE_THETA
+  scale_tied_logits: bool = True
 
   def embed(self, tokens: jax.Array) -> jax.Array:
     """int tokens [B, L] -> token embeddings [B, L, D] (no positions).
@@ -207,7 +234,10 @@ class TokenLM:
   @property
   def rotary(self) -> RotaryFn | None:
     """The rotary function applied to queries / keys in attention, if positions are RoPE."""
-    return rope if self.position == 'rope' else None
+    if self.position != 'rope':
+      return None
+    return rope if self.rope_theta == DEFAULT_ROPE_THETA else functools.partial(
+        rope, base=self.rope_theta)
 
   def add_positions(self, x: jax.Array, positions: jax.Array) -> jax.Array:
     """Adds learned / sinusoidal positions to embeddings [B, L, D] (RoPE: unchanged)."""
@@ -220,7 +250,9 @@ class TokenLM:
   def logits(self, hidden: jax.Array) -> jax.Array:
     """Final normed hidden states [B, L, D] -> float32 logits [B, L, V] (LOGITS_AXES)."""
     if self.head is None:
-      out = self.embedder.attend(hidden) / np.sqrt(self.d_model)
+      out = self.embedder.attend(hidden)
+      if self.scale_tied_logits:
+        out = out / np.sqrt(self.d_model)
     else:
       out = self.head(hidden)
     return constrain_activation(out, LOGITS_AXES).astype(jnp.float32)
@@ -269,8 +301,10 @@ class Decoder(TokenLM, nnx.Module):
 
   Parameters: token table ('vocab', 'embed'); per block norms, attention and MLP; a final
   norm; an output head ('embed', 'vocab') unless `tie_embeddings` (then logits are
-  `embed.attend(h) / sqrt(d_model)`); a position table ('length', 'embed') for
-  position='learned'.
+  `embed.attend(h) / sqrt(d_model)`, or `embed.attend(h)` with scale_tied_logits=False);
+  a position table ('length', 'embed') for position='learned'. The checkpoint-layout
+  options (norm_epsilon, attention_bias, mlp_bias, rope_theta, scale_tied_logits) are
+  described in the module docstring; their defaults leave the parameter tree unchanged.
   """
 
   def __init__(self, *, vocab_size: int, d_model: int, num_layers: int, num_heads: int,
@@ -280,6 +314,9 @@ class Decoder(TokenLM, nnx.Module):
                norm: str = 'rmsnorm', attention_impl: str = 'reference',
                blockwise_threshold: int | None = None, block_size: int = 512,
                scan_layers: bool = False, remat_policy: str = 'none',
+               norm_epsilon: float = 1e-6, attention_bias: str = 'none',
+               mlp_bias: bool = False, rope_theta: float = DEFAULT_ROPE_THETA,
+               scale_tied_logits: bool = True,
                dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
     if position not in POSITIONS:
       raise ValueError(f'position={position!r} is not one of {POSITIONS}.')
@@ -290,12 +327,16 @@ class Decoder(TokenLM, nnx.Module):
     self.scan_layers, self.remat_policy, self.num_layers = scan_layers, remat_policy, num_layers
     self.vocab_size, self.d_model, self.position = vocab_size, d_model, position
     self.max_len, self.dropout_rate, self.dtype = max_len, dropout_rate, dtype
+    if rope_theta <= 0:
+      raise ValueError(f'rope_theta={rope_theta} must be > 0 (the RoPE wavelength base).')
+    self.rope_theta, self.scale_tied_logits = float(rope_theta), scale_tied_logits
     self.embedder = Embed(vocab_size, d_model, rngs=rngs, **kw)
     self.position_table = (LearnedPositions(max_len, d_model, rngs=rngs, **kw)
                            if position == 'learned' else None)
     make_block = lambda r: DecoderBlock(
         d_model, num_heads, d_ff, num_kv_heads=num_kv_heads, head_dim=head_dim,
-        mlp_activation=mlp_activation, norm=norm, dropout_rate=dropout_rate,
+        mlp_activation=mlp_activation, norm=norm, norm_epsilon=norm_epsilon,
+        attention_bias=attention_bias, mlp_bias=mlp_bias, dropout_rate=dropout_rate,
         attention_impl=attention_impl, blockwise_threshold=blockwise_threshold,
         block_size=block_size, rngs=r, **kw)
     if scan_layers:  # one block with stacked parameters, logical axes ('layers', ...)
@@ -305,7 +346,7 @@ class Decoder(TokenLM, nnx.Module):
     else:
       self.blocks = nnx.List([make_block(rngs) for _ in range(num_layers)])
     self.blockwise_threshold = blockwise_threshold
-    self.final_norm = make_norm(norm, d_model, **kw)
+    self.final_norm = make_norm(norm, d_model, epsilon=norm_epsilon, **kw)
     self.head = None if tie_embeddings else output_head(d_model, vocab_size, rngs=rngs, **kw)
     self.embed_dropout = nnx.Dropout(dropout_rate)
 
