@@ -56,6 +56,7 @@ class LanguageModel(base.Family):
 
   name = "lm"
   models = ("decoder", "hybrid", "metalm")
+  data_keys = ("encoder_tokenizer",)  # an own-vocabulary docked encoder (encoder_spans)
 
   @functools.cached_property
   def objective(self) -> objectives.Objective:

@@ -45,7 +45,7 @@ class TextTasks(base.Family):
   name = "text_tasks"
   models = ("metalm",)
   objectives = ("semi_causal_lm",)
-  data_keys = ("tasks", "max_input_tokens", "mixing_cap")
+  data_keys = ("tasks", "max_input_tokens", "mixing_cap", "encoder_tokenizer")
 
   def validate(self) -> None:
     super().validate()

@@ -44,13 +44,14 @@ from metalm_jax.models import hf
 from metalm_jax.models.hf.common import HFImportError
 
 HF_PREFIX = 'hf:'
-# model name -> {part key -> (part kind, keys the parent injects from config.model)}.
+# model name -> {part key -> (part kind, keys the parent injects from config.model, keys the
+# parent sets itself)}.
 PARTS = {
-    'metalm': {'decoder': ('decoder', ()), 'text_encoder': ('text_encoder', ()),
-               'vision_encoder': ('vision_encoder', ())},
-    'mplug': {'vision_encoder': ('vision_encoder', ('use_cls',)),
-              'text_encoder': ('text_encoder', ('vocab_size', 'd_model', 'pad_id'))},
-    'decoder': {'': ('decoder', ())},
+    'metalm': {'decoder': ('decoder', (), ()), 'text_encoder': ('text_encoder', (), ()),
+               'vision_encoder': ('vision_encoder', (), ())},
+    'mplug': {'vision_encoder': ('vision_encoder', (), ('use_cls',)),
+              'text_encoder': ('text_encoder', ('vocab_size', 'd_model', 'pad_id'), ())},
+    'decoder': {'': ('decoder', (), ())},
 }
 # Keys a part may set to a value other than the checkpoint's.
 _TRUNCATABLE = ('num_layers', 'max_len')  # the first layers / positions are kept
@@ -174,7 +175,7 @@ def resolve(name: str, kwargs: Mapping) -> tuple[dict, list[Part]]:
   check_available(dict(kwargs, name=name))
   parts = []
   for key, source in sources.items():
-    kind, injected_keys = PARTS[name][key]
+    kind, injected_keys, forced = PARTS[name][key]
     given = dict(kwargs) if key == '' else dict(kwargs[key])
     given.pop('init_from', None)
     where = f'config.model.{key}.init_from' if key else 'config.model.init_from'
@@ -184,7 +185,7 @@ def resolve(name: str, kwargs: Mapping) -> tuple[dict, list[Part]]:
       injected = {k: kwargs[k] for k in injected_keys if k in kwargs}
       # Keys the parent injects take the checkpoint's value unless the config sets them.
       merged = _merge_kwargs(where, imported, given, injected)
-      part_kwargs = {k: v for k, v in merged.items() if k not in injected_keys}
+      part_kwargs = {k: v for k, v in merged.items() if k not in injected_keys + forced}
       for k in injected_keys:
         if k in imported and k not in kwargs:
           kwargs[k] = imported[k]
