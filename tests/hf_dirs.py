@@ -15,6 +15,11 @@ WORDPIECE_SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 WORDS = ["a", "the", "is", "this", "what", "digit", "number", "image", "of", "shows", "picture",
          "zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "?",
          ".", "yes", "no", "question", "answer", ":", "handwritten", "##s"]
+# Every letter and digit, alone and as a continuation: any word has a WordPiece spelling (no
+# [UNK]), so a changed character always changes the encoder's ids.
+CHARS = "abcdefghijklmnopqrstuvwxyz0123456789"
+WORDS += [c for c in CHARS if c not in WORDS] + [f"##{c}" for c in CHARS if f"##{c}" not in WORDS]
+WORDS += [c for c in "()[]{}<>=+-*/_,;'\"!#%&|^~`@$" if c not in WORDS]
 
 
 def _randomise(model, seed):

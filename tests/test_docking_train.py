@@ -100,23 +100,24 @@ def test_bert_on_gpt2_with_different_vocabularies_trains_and_does_not_leak(
   spans = family.prepare  # data.encoder_spans.EncoderSpans around the semi-causal sampler
   assert row["span_encoder_ids"].shape[-1] == 16 and (row["span_lengths"] > 0).any()
 
-  def logits(r):
-    out, _ = module(jnp.asarray(r["inputs"])[None], positions=jnp.asarray(r["positions"])[None],
-                    segment_ids=jnp.asarray(r["segment_ids"])[None],
-                    span_starts=jnp.asarray(r["span_starts"])[None],
-                    span_lengths=jnp.asarray(r["span_lengths"])[None],
-                    span_encoder_ids=jnp.asarray(r["span_encoder_ids"])[None])
-    return np.asarray(out[0])
+  keys = ("inputs", "positions", "segment_ids", "span_starts", "span_lengths",
+          "span_encoder_ids")
+  forward = jax.jit(lambda *a: module(a[0], **dict(zip(keys[1:], a[1:])))[0][0])
+  logits = lambda r: np.asarray(forward(*(jnp.asarray(r[k])[None] for k in keys)))
 
   base = logits(row)
-  span_of = row["span_ids"]
-  for j in range(1, len(row["inputs"]) - 1, 3):
+  span_of, real = row["span_ids"], int((row["segment_ids"] > 0).sum())
+  encoder_changed = 0
+  for j in range(1, real - 1):
     inputs = row["inputs"].copy()
     inputs[j] = inputs[j] % 200 + 1  # another byte-level BPE token
-    changed = dict(row, inputs=inputs, span_encoder_ids=spans.span_ids(
-        inputs, row["span_starts"], row["span_lengths"]))
+    ids = spans.span_ids(inputs, row["span_starts"], row["span_lengths"])
+    encoder_changed += not np.array_equal(ids, row["span_encoder_ids"])
+    out = logits(dict(row, inputs=inputs, span_encoder_ids=ids))
     first_seen = row["span_starts"][span_of[j] - 1] if span_of[j] else j
-    np.testing.assert_allclose(logits(changed)[:first_seen], base[:first_seen], atol=1e-5)
+    np.testing.assert_allclose(out[:first_seen], base[:first_seen], atol=1e-5, err_msg=str(j))
+    assert not np.allclose(out[j:], base[j:], atol=1e-6)
+  assert encoder_changed >= (span_of[1:real - 1] > 0).sum() // 2  # the encoder saw the change
 
 
 @pytest.mark.slow
