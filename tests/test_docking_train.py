@@ -129,3 +129,15 @@ def test_minilm_docked_in_its_own_vocabulary_trains_the_task_rows(family_data_di
   result = _train(config, tmp_path)
   assert np.isfinite(result["eval_loss"])
   assert result["evals"]["tasks"]["squad_v1/num_examples"] > 0
+
+
+def test_hf_load_builds_a_scanned_decoder_and_a_vit_at_another_size(pretrained_root):
+  import jax.numpy as jnp
+
+  path = f"{pretrained_root}/{hf_dirs.GPT2}"
+  tokens = jnp.arange(12)[None] % 50
+  plain, scanned = hf.load(path), hf.load(path, scan_layers=True)
+  np.testing.assert_allclose(np.asarray(scanned(tokens)[0]), np.asarray(plain(tokens)[0]),
+                             atol=1e-5)
+  vit = hf.load(f"{pretrained_root}/{hf_dirs.CLIP_B16}", image_size=24)  # 16 px checkpoint
+  assert vit.positions.shape[:2] == (3, 3) and vit.num_tokens() == 10

@@ -76,10 +76,12 @@ def import_params(path: str, part: str | None = None, *, num_layers: int | None 
 def load(path: str, part: str | None = None, *, num_layers: int | None = None, dtype=None,
          **overrides):
   """The module (`VisionEncoder` / `TextEncoder` / `Decoder`) built from config.json with
-  the checkpoint's weights; `overrides` are extra module kwargs (dropout_rate, ...)."""
+  the checkpoint's weights; `overrides` are extra module kwargs (dropout_rate, scan_layers,
+  another image_size, ...)."""
   import jax.numpy as jnp
   from flax import nnx
 
+  from metalm_jax.models.hf import docking
   from metalm_jax.models.hf.common import check_and_cast
 
   module, hf_config = importer(path, part)
@@ -90,9 +92,10 @@ def load(path: str, part: str | None = None, *, num_layers: int | None = None, d
   dtype = jnp.float32 if dtype is None else dtype
   built = nnx.eval_shape(lambda: cls(**kwargs, dtype=dtype, rngs=nnx.Rngs(0)))
   state = nnx.state(built, nnx.Param)
-  loaded = check_and_cast(state.to_pure_dict(),
-                          import_params(path, part, num_layers=kwargs['num_layers']),
-                          module.PART, hint=f'build the module with hf.module_kwargs({path!r})')
+  # Scanned decoder blocks stacked, a vision position table resized to `image_size`.
+  params = docking.hf_params(docking.Part('', module.PART, docking.HF_PREFIX + path, kwargs))
+  loaded = check_and_cast(state.to_pure_dict(), params, module.PART,
+                          hint=f'build the module with hf.module_kwargs({path!r})')
   nnx.replace_by_pure_dict(state, loaded)
   nnx.update(built, state)
   return built

