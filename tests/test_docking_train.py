@@ -8,6 +8,7 @@ import pytest
 pytest.importorskip("torch", reason="torch (CPU) writes the test checkpoints")
 pytest.importorskip("transformers", reason="transformers writes the test checkpoints")
 
+from metalm_jax import config as config_lib  # noqa: E402
 from metalm_jax.config import ConfigError  # noqa: E402
 from metalm_jax.models import hf  # noqa: E402
 from metalm_jax.train import trainer  # noqa: E402
@@ -141,3 +142,27 @@ def test_hf_load_builds_a_scanned_decoder_and_a_vit_at_another_size(pretrained_r
                              atol=1e-5)
   vit = hf.load(f"{pretrained_root}/{hf_dirs.CLIP_B16}", image_size=24)  # 16 px checkpoint
   assert vit.positions.shape[:2] == (3, 3) and vit.num_tokens() == 10
+
+
+
+def test_lora_on_docked_parts_trains_the_factors_and_keeps_the_import(pretrained_root,
+                                                                      family_data_dir, tmp_path):
+  """LoRA on the docked CLIP + GPT-2 METALM (no pretraining run: the parts are the base);
+  the docked decoder's kernels stay as imported, its factors train."""
+  from metalm_jax.train import peft
+
+  config = runlocal_config("metalm_vl", f"size=test,stage=finetune,peft=lora,"
+                           f"pretrained={pretrained_root}", family_data_dir,
+                           **{"data.seq_len": 160})
+  _train(config, tmp_path)
+  params = hf_dirs.flat(_params(tmp_path)["params"])
+  decoder = _imported(pretrained_root, hf_dirs.GPT2, "decoder", "decoder/")
+  for k, v in decoder.items():
+    np.testing.assert_array_equal(params[k], v, err_msg=k)
+  factors = [k for k in params if peft.is_factor(k) and k.startswith("decoder/")]
+  assert factors and any(np.abs(params[k]).max() > 0 for k in factors)
+  bad = runlocal_config("metalm_vl", f"size=test,stage=finetune,peft=lora,pretrained="
+                        f"{pretrained_root}", family_data_dir,
+                        **{"peft.save_trainable_only": True})
+  with pytest.raises(ConfigError, match="docked parts alone"):
+    config_lib.validate(bad)
