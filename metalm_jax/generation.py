@@ -19,6 +19,7 @@ the trainer's (`train.evaluate`'s restore path).
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Sequence
 
 import jax
@@ -88,6 +89,38 @@ def load(config: ml_collections.ConfigDict, checkpoint: str, *, step: int | None
   family.check_model(model)
   rest = state_lib.init_rest(model, jax.random.key(config.seed))
   return Loaded(config, family, model, jax.device_get(restored.params), rest, restored.step)
+
+
+def export_decoder(loaded: Loaded, out_dir: str, *, model_type: str | None = None,
+                   overwrite: bool = False) -> str:
+  """Writes the decoder of `loaded` (the model of a 'decoder' config, METALM's `decoder`) as a
+  Hugging Face directory (`models.hf.decoders.export`; LoRA factors merged, scanned blocks
+  unstacked), with the tokenizer files of an 'hf:<dir>' config.data.tokenizer beside it."""
+  import shutil
+
+  from metalm_jax.data import tokenizers
+  from metalm_jax.models import decoder as decoder_lib
+  from metalm_jax.models.hf import decoders as hf_decoders
+
+  name, kwargs = config_lib.model_kwargs(loaded.config.model)
+  params = loaded.model.plain_params(loaded.params)
+  if name == "metalm":
+    params, kwargs = params["decoder"], dict(kwargs["decoder"])
+  elif name != "decoder":
+    raise ValueError(f"config.model.name={name!r} has no Decoder to export; export works for "
+                     "'decoder' models and METALM's decoder.")
+  params = jax.tree.map(np.asarray, params)
+  if kwargs.get("scan_layers"):
+    params = decoder_lib.unstack_layer_params(params)
+  kwargs = {k: v for k, v in kwargs.items() if k not in ("scan_layers", "remat_policy")}
+  out = hf_decoders.export(params, kwargs, out_dir, model_type=model_type, overwrite=overwrite)
+  kind = loaded.config.data.tokenizer
+  if kind.startswith(tokenizers.HF_PREFIX):
+    source = kind[len(tokenizers.HF_PREFIX):]
+    for file in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+      if os.path.isfile(os.path.join(source, file)):
+        shutil.copy(os.path.join(source, file), os.path.join(out, file))
+  return out
 
 
 def generate(loaded: Loaded, prompts: Sequence[str], decoding: Decoding = Decoding(), *,

@@ -10,6 +10,7 @@ pytest.importorskip("transformers", reason="transformers writes the test checkpo
 
 from metalm_jax import config as config_lib  # noqa: E402
 from metalm_jax.config import ConfigError  # noqa: E402
+from metalm_jax.data import tokenizers  # noqa: E402
 from metalm_jax.models import hf  # noqa: E402
 from metalm_jax.train import trainer  # noqa: E402
 from tests import hf_dirs  # noqa: E402
@@ -48,6 +49,25 @@ def test_metalm_vl_docks_clip_and_gpt2_and_keeps_the_frozen_vit(pretrained_root,
   moved = [k for k, v in decoder.items() if not np.allclose(params[k], v, atol=1e-7)]
   assert moved  # trained from the import: shapes equal, values moved
   assert all(params[k].shape == v.shape for k, v in decoder.items())
+
+  # The trained decoder goes back out as a GPT-2 directory transformers opens, same logits.
+  import torch
+  import transformers
+
+  from metalm_jax import generation
+
+  loaded = generation.load(config, str(tmp_path))
+  out = generation.export_decoder(loaded, str(tmp_path / "export"))
+  theirs = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+  assert theirs.config.model_type == "gpt2"
+  tokens = np.arange(1, 13)[None] % theirs.config.vocab_size
+  with torch.no_grad():
+    reference = theirs(torch.tensor(tokens)).logits.numpy()
+  ours = loaded.model.merge(loaded.params, loaded.rest).decoder(tokens)[0]
+  np.testing.assert_allclose(np.asarray(ours), reference, atol=1e-4, rtol=0)
+  ours_tok = tokenizers.get_tokenizer(config.data.tokenizer)  # the tokenizer files went along
+  assert transformers.AutoTokenizer.from_pretrained(out).encode("seven") == list(
+      ours_tok.encode("seven"))
 
 
 def test_mplug_starts_from_clip_and_bert(pretrained_root, family_data_dir, tmp_path):
