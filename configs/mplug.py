@@ -7,6 +7,8 @@ r"""mPLUG (Li et al. 2022): ViT + text encoder + skip-connected fusion + seq2seq
   python experiments/train.py --config=configs/mplug.py:stage=caption --workdir=workdirs/mplug_cap \
       --config.init_from.checkpoint=workdirs/mplug_pretrain
   python experiments/reproduce.py --table=mplug_digits     # the three stages + a scratch baseline
+  python experiments/train.py --config=configs/mplug.py:size=base,pretrained=checkpoints,data=official \
+      --workdir=workdirs/mplug_base_clip_bert    # from CLIP ViT-B/16 + BERT-base (docs/pretrained.md)
 
 Arguments (comma-separated `key=value`):
   size      tiny (default: 8x8 digits on a CPU) | test (smallest, for the test suite) |
