@@ -31,6 +31,9 @@ Arguments (comma-separated `key=value`):
             decoder's tokenizer replaces SentencePiece. '' (default) = everything from scratch.
   decoder   with pretrained: gpt2 (default) | tinyllama | qwen2 (DECODERS: the repo ids)
   vit       with pretrained: b16 (default, CLIP ViT-B/16) | l14 (CLIP ViT-L/14)
+  spans     (pretrain, model=metalm) which text prefix joins the image span
+            (config.spans.strategy, masking.prefix_length): random (default: uniform, the
+            paper) | length_aware (a fraction of the text) | saliency (ends after a rare token)
   peft      (finetune only) lora | bitfit: parameter-efficient finetuning (config.peft;
             docs/training.md): LoRA r=8, alpha=16 on the attention and MLP kernels, or only
             biases and norms; '' (default) trains every parameter.
@@ -44,6 +47,7 @@ so model.max_span_len = T + the text prefix an encoder span can hold.
 import ml_collections
 
 from metalm_jax import config as config_lib
+from metalm_jax import masking
 
 SIZES = {
     # The smallest, for the test suite: patch 4 (4 patches + CLS), one layer each.
@@ -175,7 +179,8 @@ def evals(size: str, data: str, stage: str, task: str) -> dict:
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   args = config_lib.parse_config_args(arg, size="tiny", model="metalm", stage="pretrain",
                                       data="digits", task="", peft="", pretrained="",
-                                      decoder="gpt2", vit="b16", runlocal="0")
+                                      decoder="gpt2", vit="b16", spans="random",
+                                      runlocal="0")
   for key, valid in (("size", SIZES), ("model", MODELS), ("stage", STAGES), ("data", DATA)):
     if args[key] not in valid:
       raise ValueError(f"{key}={args[key]!r}; valid: {sorted(valid)}")
@@ -232,6 +237,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                                                 **evals(size, data, stage, task)))
   config.sample.max_new_tokens = 0  # no text-only sample for a vision-language model
   config.peft.method = args["peft"]
+  if args["spans"] not in masking.SPAN_STRATEGIES:
+    raise ValueError(f"spans={args['spans']!r}; valid: {list(masking.SPAN_STRATEGIES)}")
+  config.spans.strategy = args["spans"]
   if args["runlocal"] == "1":
     config_lib.set_runlocal(config)
   return config_lib.finalize(config)

@@ -464,9 +464,14 @@ def check_peft(peft_config) -> None:
   _check_regex("config.peft.targets", targets)
 
 
+# (family, objective) pairs whose spans follow config.spans.strategy: the language model's
+# sampled spans, and the vision-language pretraining rows' text prefix.
+SPAN_STRATEGY_READERS = (("lm", "semi_causal_lm"), ("metalm_vl", "semi_causal_vl"))
+
+
 def check_spans(config) -> None:
   """`config.spans`: a known strategy, a temperature > 0, and a non-default strategy only
-  where spans are sampled (family 'lm' with objective 'semi_causal_lm')."""
+  where spans are chosen (SPAN_STRATEGY_READERS)."""
   spans = config.get("spans") or {}
   strategy = spans.get("strategy", "random")
   if strategy not in masking.SPAN_STRATEGIES:
@@ -477,13 +482,13 @@ def check_spans(config) -> None:
       or not 0 < temperature < float("inf")):
     raise ConfigError(f"config.spans.temperature={temperature!r} must be a finite number > 0 "
                       "(saliency: lower concentrates spans on the rarest tokens; e.g. 0.25)")
-  if strategy != "random" and (config.get("objective") != "semi_causal_lm"
-                               or config.get("family", "lm") != "lm"):
+  where = (config.get("family", "lm"), config.get("objective"))
+  if strategy != "random" and where not in SPAN_STRATEGY_READERS:
     raise ConfigError(
-        f"config.spans.strategy={strategy!r} is only read by objective 'semi_causal_lm' in "
-        f"family 'lm' (this config: objective={config.get('objective')!r}, family="
-        f"{config.get('family', 'lm')!r}); set config.spans.strategy='random' or "
-        "config.objective='semi_causal_lm'")
+        f"config.spans.strategy={strategy!r} is only read by "
+        + " and ".join(f"objective {o!r} in family {f!r}" for f, o in SPAN_STRATEGY_READERS)
+        + f" (this config: objective={where[1]!r}, family={where[0]!r}); set "
+        "config.spans.strategy='random' or one of those objectives")
 
 
 def init_from_renames(init_config) -> list[tuple[str, str]]:

@@ -249,6 +249,38 @@ def saliency_scores(token_ids: np.ndarray, score_table: np.ndarray) -> np.ndarra
   return np.where(inside, table[np.clip(token_ids, 0, table.shape[0] - 1)], table.max())
 
 
+def prefix_length(text_length: int, rng: np.random.Generator, *, strategy: str = 'random',
+                  scores: np.ndarray | None = None, temperature: float = 0.25) -> int:
+  """How many text tokens join the image span of a vision-language row (its encoder span is
+  the image + a text prefix; the decoder predicts the rest): an int in [0, n - 1] for a text
+  of n >= 1 tokens (0 when n <= 1), so at least one token is always predicted.
+
+    'random'        uniform in [0, n - 1] (the METALM recipe; the draw of `vl_prepare`)
+    'length_aware'  a fraction of the text, uniform in [1/4, 3/4] (rounded): longer texts
+                    give longer prefixes, with the same mean as 'random' and less spread
+    'saliency'      the prefix ends right after a salient token: position c is drawn with
+                    probability ~ exp(scores[c] / temperature) over the text (`scores` [n],
+                    e.g. `saliency_scores` of the row's text), the prefix is c + 1 (at most
+                    n - 1), so the encoder reads the rare token with the image
+  """
+  if strategy not in SPAN_STRATEGIES:
+    raise ValueError(f'strategy={strategy!r} is not a span strategy; valid: '
+                     f'{list(SPAN_STRATEGIES)}.')
+  n = int(text_length)
+  if strategy == 'random':
+    return int(rng.integers(0, max(n, 1)))
+  if n <= 1:
+    return 0
+  if strategy == 'length_aware':
+    return int(min(round(rng.uniform(0.25, 0.75) * (n - 1)), n - 1))
+  if scores is None or len(scores) < n:
+    raise ValueError(f"strategy='saliency' needs scores for the text's {n} tokens.")
+  logits = np.asarray(scores[:n], np.float64) / temperature
+  probs = np.exp(logits - logits.max())
+  centre = int(rng.choice(n, p=probs / probs.sum()))
+  return min(centre + 1, n - 1)
+
+
 def span_ids_from_spans(starts: np.ndarray, lengths: np.ndarray, length: int) -> np.ndarray:
   """(starts, lengths) int [M] -> span_ids int32 [length]: m + 1 inside span m, 0 elsewhere."""
   span_ids = np.zeros(length, np.int32)

@@ -361,3 +361,60 @@ def test_metalm_trains_with_saliency_spans(pydoc_data_dir, tmp_path):
   rows = [json.loads(line) for line in open(tmp_path / 'metrics.jsonl')]
   fractions = [r['span_fraction'] for r in rows if 'span_fraction' in r]
   assert fractions and all(0.2 < f <= 0.3 for f in fractions), fractions
+
+
+# ---------------------------------------------------------------- vision-language prefixes
+@pytest.mark.parametrize('strategy', masking.SPAN_STRATEGIES)
+def test_vl_prefix_leaves_a_target_for_every_text_length(strategy):
+  """Adversarial lengths (empty, one token, two, long): the prefix is in [0, n - 1], so the
+  decoder always has a token to predict; 'random' is the draw vl_prepare always made."""
+  for n in (0, 1, 2, 3, 5, 17, 64):
+    rng, same = np.random.default_rng(n), np.random.default_rng(n)
+    scores = np.random.default_rng(100 + n).random(max(n, 1))
+    for _ in range(200):
+      p = masking.prefix_length(n, rng, strategy=strategy, scores=scores)
+      assert 0 <= p <= max(n - 1, 0), (n, p)
+      if strategy == 'random':
+        assert p == int(same.integers(0, max(n, 1)))
+
+
+def test_vl_length_aware_prefix_is_a_fraction_of_the_text():
+  rng = np.random.default_rng(0)
+  for n in (9, 41, 201):
+    draws = np.array([masking.prefix_length(n, rng, strategy='length_aware') for _ in range(400)])
+    assert draws.min() >= round(0.25 * (n - 1)) - 1 and draws.max() <= round(0.75 * (n - 1)) + 1
+    assert abs(draws.mean() / (n - 1) - 0.5) < 0.05
+
+
+def test_vl_saliency_prefix_ends_after_the_rare_token():
+  rng = np.random.default_rng(0)
+  for n, rare in ((12, 4), (12, 0), (12, 11), (2, 1)):
+    scores = np.zeros(n)
+    scores[rare] = 3.0
+    draws = [masking.prefix_length(n, rng, strategy='saliency', scores=scores, temperature=0.25)
+             for _ in range(200)]
+    assert np.mean(np.array(draws) == min(rare + 1, n - 1)) > 0.9, (n, rare)
+  with pytest.raises(ValueError, match='needs scores'):
+    masking.prefix_length(5, rng, strategy='saliency')
+  with pytest.raises(ValueError, match='not a span strategy'):
+    semi_causal_lm.make_vl_prepare(strategy='rare')
+
+
+def test_metalm_vl_pretraining_rows_follow_the_strategy(family_data_dir):
+  """The metalm_vl family reads config.spans.strategy for semi_causal_vl: saliency scores
+  from the training rows' text; the held-out rows keep the objective's random prefix."""
+  from metalm_jax import families
+  from tests.conftest import runlocal_config
+
+  config = runlocal_config('metalm_vl', 'size=test,spans=saliency', family_data_dir)
+  family = families.build(config)
+  prepare = family.prepare
+  assert prepare.keywords['strategy'] == 'saliency'
+  table = prepare.keywords['score_table']
+  assert table.shape == (family.tokenizer.vocab_size,) and table.max() > table.min()
+  batch = next(iter(family.train_dataset(batch_size=4, process_index=0, process_count=1)))
+  assert ((batch['prefix_length'] >= 0) & (batch['prefix_length'] < batch['text_length'])).all()
+  causal = runlocal_config('metalm_vl', 'size=test,model=causal', family_data_dir,
+                           **{'spans.strategy': 'saliency'})
+  with pytest.raises(config_lib.ConfigError, match="'semi_causal_vl' in family 'metalm_vl'"):
+    config_lib.validate(causal)

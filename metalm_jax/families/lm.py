@@ -32,13 +32,14 @@ def model_vocab_size(model_config) -> int | None:
   return kwargs.get("vocab_size") or dict(kwargs.get("decoder") or {}).get("vocab_size")
 
 
-def encoder_spans(config, decoder_tokenizer, prepare=None):
+def encoder_spans(config, family, prepare=None):
   """`data.encoder_spans.EncoderSpans` (wrapping `prepare`) for an own-vocabulary text
-  encoder (config.model.encoder_span_len > 0); else `prepare` unchanged."""
+  encoder (config.model.encoder_span_len > 0); else `prepare` unchanged (and the family's
+  tokenizer untouched)."""
   kind = config_lib.encoder_tokenizer_kind(config)
   if not kind:
     return prepare
-  return EncoderSpans(decoder_tokenizer, tokenizers.get_tokenizer(kind),
+  return EncoderSpans(family.tokenizer, tokenizers.get_tokenizer(kind),
                       int(config.model.encoder_span_len), prepare)
 
 
@@ -85,14 +86,14 @@ class LanguageModel(base.Family):
     spans = self.config.get("spans") or {}
     strategy = spans.get("strategy", "random")
     if strategy == "random" or self.config.objective != "semi_causal_lm":
-      return encoder_spans(self.config, self.tokenizer, self.objective.prepare)
+      return encoder_spans(self.config, self, self.objective.prepare)
     score_table = None
     if strategy == "saliency":
       d = self.config.data
       counts = unigram.unigram_counts(d.dataset, self.tokenizer, data_dir=self.data_dir,
                                       split=d.train_split)
       score_table = masking.unigram_scores(counts)
-    return encoder_spans(self.config, self.tokenizer, semi_causal_lm.make_prepare(
+    return encoder_spans(self.config, self, semi_causal_lm.make_prepare(
         strategy=strategy, score_table=score_table,
         temperature=float(spans.get("temperature", 0.25))))
 
@@ -130,7 +131,7 @@ class LanguageModel(base.Family):
     return pipeline.eval_batches(
         self.source(split), self.tokenizer, seq_len=self.config.data.seq_len,
         batch_size=batch_size, process_index=process_index, process_count=process_count,
-        prepare=encoder_spans(self.config, self.tokenizer, self.objective.prepare))
+        prepare=encoder_spans(self.config, self, self.objective.prepare))
 
   # ---------------------------------------------------------------- loss (traced)
   def loss(self, model, params, rest, extra, batch, *, rng, step):

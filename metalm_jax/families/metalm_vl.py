@@ -14,11 +14,12 @@ import functools
 
 import numpy as np
 
-from metalm_jax import objectives
+from metalm_jax import masking, objectives
 from metalm_jax.config import ConfigError
 from metalm_jax.data import prompts, vl_pipeline, vl_sources
 from metalm_jax.families import base, vl_common
 from metalm_jax.families.lm import check_vocab
+from metalm_jax.objectives import semi_causal_lm
 
 # The objectives whose queries put the prompt text in the encoder (METALM) or not (baseline).
 ENCODE_TEXT = {"semi_causal_vl": True, "semi_causal_vl_finetune": True, "causal_vl": False,
@@ -71,13 +72,41 @@ class MetaLMVisionLanguage(vl_common.VisionLanguageData, base.Family):
                 image_size=v["image_size"], num_channels=v.get("channels", 3),
                 image_kind=self.image_kind)
 
+  @functools.cached_property
+  def prepare(self):
+    """The training rows' `prepare`: the objective's, or for semi_causal_vl with a
+    non-default `config.spans.strategy` the prefix that strategy picks
+    (`semi_causal_lm.make_vl_prepare`; 'saliency': -log unigram frequency of the training
+    rows' text). Held-out rows keep the objective's own (random) prefix, so runs with
+    different strategies are scored alike."""
+    spans = self.config.get("spans") or {}
+    strategy = spans.get("strategy", "random")
+    if strategy == "random" or self.config.objective != "semi_causal_vl":
+      return self.objective.prepare
+    score_table = None
+    if strategy == "saliency":
+      score_table = masking.unigram_scores(self._train_text_counts())
+    return semi_causal_lm.make_vl_prepare(strategy=strategy, score_table=score_table,
+                                          temperature=float(spans.get("temperature", 0.25)))
+
+  def _train_text_counts(self) -> np.ndarray:
+    """Token counts of the training rows' text (one unshuffled pass of the pipeline)."""
+    c = self.config
+    counts = np.zeros(self.tokenizer.vocab_size, np.int64)
+    for batch in vl_pipeline.vl_eval_batches(
+        self.source(c.data.train_split, per_caption=True), self.tokenizer, batch_size=256,
+        **self._rows_kwargs()):
+      real = batch["segment_ids"] > 0
+      counts += np.bincount(batch["inputs"][real], minlength=counts.shape[0])[:counts.shape[0]]
+    return counts
+
   def train_dataset(self, *, batch_size: int, process_index: int, process_count: int):
     c = self.config
     return vl_pipeline.vl_dataset(
         self.source(c.data.train_split, per_caption=True), self.tokenizer,
         batch_size=batch_size, seed=c.seed, process_index=process_index,
         process_count=process_count, worker_count=c.data.worker_count,
-        prepare=self.objective.prepare, **self._rows_kwargs())
+        prepare=self.prepare, **self._rows_kwargs())
 
   def eval_batches(self, split: str, *, batch_size: int, process_index: int,
                    process_count: int, num_batches: int | None):

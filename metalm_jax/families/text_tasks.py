@@ -99,7 +99,7 @@ class TextTasks(base.Family):
   @functools.cached_property
   def encoder_spans(self):
     """`data.encoder_spans.EncoderSpans` for an own-vocabulary docked encoder, else None."""
-    return lm.encoder_spans(self.config, self.tokenizer)
+    return lm.encoder_spans(self.config, self)
 
   def sources(self, split: str) -> dict:
     names = [TASKS[t][0] for t in self.config.data.tasks]

@@ -227,6 +227,35 @@ def vl_prepare(row: dict, rng: np.random.Generator) -> dict:
               weights=(row['segment_ids'] > 0).astype(np.float32))
 
 
+def _vl_prepare(row: dict, rng: np.random.Generator, *, strategy: str,
+                score_table: np.ndarray | None = None, temperature: float = 0.25) -> dict:
+  text_length = int(row['text_length'])
+  scores = (masking.saliency_scores(row['inputs'][:text_length], score_table)
+            if strategy == 'saliency' else None)
+  prefix = masking.prefix_length(text_length, rng, strategy=strategy, scores=scores,
+                                 temperature=temperature)
+  return dict(row, prefix_length=np.int32(prefix),
+              weights=(row['segment_ids'] > 0).astype(np.float32))
+
+
+def make_vl_prepare(*, strategy: str = 'random', score_table: np.ndarray | None = None,
+                    temperature: float = 0.25):
+  """A picklable VL pretraining `prepare` whose text prefix follows `strategy`
+  (`masking.prefix_length`; 'random' is `vl_prepare` itself). 'saliency' needs score_table
+  float [V] (e.g. `masking.unigram_scores` of the training rows' token counts)."""
+  if strategy == 'random':
+    return vl_prepare
+  if strategy not in masking.SPAN_STRATEGIES:
+    raise ValueError(f'strategy={strategy!r} is not a span strategy; valid: '
+                     f'{list(masking.SPAN_STRATEGIES)}.')
+  if strategy == 'saliency' and score_table is None:
+    raise ValueError("strategy='saliency' needs score_table (float [V]).")
+  if not temperature > 0:
+    raise ValueError(f'temperature={temperature} must be > 0.')
+  return functools.partial(_vl_prepare, strategy=strategy, score_table=score_table,
+                           temperature=temperature)
+
+
 def vl_causal_prepare(row: dict, rng: np.random.Generator) -> dict:
   """The causal-only VL baseline: the encoder sees the images alone (prefix 0)."""
   del rng
