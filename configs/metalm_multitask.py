@@ -70,6 +70,10 @@ SCHEDULES = {
                   pretrain_steps=300_000, finetune_steps=20_000, lr=1e-4, mixing_cap=3000,
                   eval_limit=0, beam_size=4, length_penalty=0.6),
 }
+# What the experiment tables (configs/tables) read from a finetune's 'tasks' evaluator on the
+# generated pydoc_tasks: (task, scalar, metric name).
+TASK_ROWS = (("squad_v1", "exact_match", "exact match"), ("squad_v1", "f1", "F1"),
+             ("boolq", "accuracy", "accuracy"), ("cnn_dailymail", "rouge_l", "ROUGE-L F1"))
 STAGES = ("finetune", "pretrain")
 ENCODERS = ("", "minilm", "minilm_scratch")
 # Encoder tokens per span for a WordPiece reader of max_span_len SentencePiece tokens ([CLS] +
@@ -102,6 +106,12 @@ def dock_minilm(model, size: str, *, scratch: bool, layers: int) -> str:
   model.trainable_encoder_layers = layers
   return f"hf:{path}"
 DATA = ("pydoc", "official")
+
+
+def task_rows(label: str, stage: str) -> list[dict]:
+  """Table rows (`metalm_jax.tables`) of the task scores of a finetune stage."""
+  return [dict(task=f"{label}: {task}", metric=name, paper="-", stage=stage, eval="tasks",
+               scalars=f"{task}/{metric}", scale=1.0) for task, metric, name in TASK_ROWS]
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:

@@ -6,6 +6,7 @@ import json
 import os
 
 import numpy as np
+import pytest
 
 CLIP_B16 = "openai/clip-vit-base-patch16"
 BERT = "google-bert/bert-base-uncased"
@@ -20,6 +21,17 @@ WORDS = ["a", "the", "is", "this", "what", "digit", "number", "image", "of", "sh
 CHARS = "abcdefghijklmnopqrstuvwxyz0123456789"
 WORDS += [c for c in CHARS if c not in WORDS] + [f"##{c}" for c in CHARS if f"##{c}" not in WORDS]
 WORDS += [c for c in "()[]{}<>=+-*/_,;'\"!#%&|^~`@$" if c not in WORDS]
+
+
+def reference_packages():
+  """(torch, transformers) for the parity tests, offline (no Hub access ever); the calling
+  test module is skipped, saying what to install, when they are absent."""
+  os.environ.setdefault("HF_HUB_OFFLINE", "1")
+  os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+  torch = pytest.importorskip("torch", reason="torch (CPU) is needed for the reference")
+  transformers = pytest.importorskip(
+      "transformers", reason="transformers is not installed: pip install transformers==5.23.0")
+  return torch, transformers
 
 
 def _randomise(model, seed):

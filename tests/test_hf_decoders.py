@@ -10,12 +10,9 @@ import os
 import numpy as np
 import pytest
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach the network
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+from tests.hf_dirs import reference_packages  # noqa: E402
 
-torch = pytest.importorskip("torch", reason="torch (CPU) is needed for the reference")
-transformers = pytest.importorskip(
-    "transformers", reason="transformers is not installed: pip install transformers==5.23.0")
+torch, transformers = reference_packages()
 pytest.importorskip("safetensors", reason="pip install safetensors==0.8.0")
 
 import jax  # noqa: E402

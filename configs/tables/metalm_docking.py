@@ -26,8 +26,7 @@ ARMS = {"docked": "minilm", "scratch": "minilm_scratch"}
 STEPS = 200
 SCHEDULE = (("num_train_steps", STEPS), ("eval_every_steps", STEPS // 4),
             ("checkpoint_every_steps", STEPS // 4), ("optimizer.warmup_steps", STEPS // 20))
-TASK_ROWS = (("squad_v1", "exact_match", "exact match"), ("squad_v1", "f1", "F1"),
-             ("boolq", "accuracy", "accuracy"), ("cnn_dailymail", "rouge_l", "ROUGE-L F1"))
+multitask = config_lib.config_module("metalm_multitask")
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -43,7 +42,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                          init_from="", overrides=seed + (() if suffix else SCHEDULE))
     rows.append(dict(task=f"{arm}: tasks", metric="held-out loss", paper="-", stage=arm,
                      eval="eval", scalars="loss", scale=1.0))
-    rows += [dict(task=f"{arm}: {task}", metric=name, paper="-", stage=arm, eval="tasks",
-                  scalars=f"{task}/{metric}", scale=1.0) for task, metric, name in TASK_ROWS]
+    rows += multitask.task_rows(arm, arm)
   t.rows = rows
   return t

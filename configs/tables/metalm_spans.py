@@ -18,8 +18,7 @@ import ml_collections
 from metalm_jax import config as config_lib
 
 STRATEGIES = ("random", "length_aware", "saliency")
-TASK_ROWS = (("squad_v1", "exact_match", "exact match"), ("squad_v1", "f1", "F1"),
-             ("boolq", "accuracy", "accuracy"), ("cnn_dailymail", "rouge_l", "ROUGE-L F1"))
+multitask = config_lib.config_module("metalm_multitask")
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -38,8 +37,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                                      init_from=f"pretrain_{s}", overrides=seed)
     rows.append(dict(task=f"{s}: pretraining", metric="held-out perplexity", paper="-",
                      stage=f"pretrain_{s}", eval="eval", scalars="perplexity", scale=1.0))
-    rows += [dict(task=f"{s}: {task}", metric=name, paper="-", stage=f"finetune_{s}",
-                  eval="tasks", scalars=f"{task}/{metric}", scale=1.0)
-             for task, metric, name in TASK_ROWS]
+    rows += multitask.task_rows(s, f"finetune_{s}")
   t.rows = rows
   return t
