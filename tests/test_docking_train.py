@@ -165,6 +165,7 @@ def test_hf_load_builds_a_scanned_decoder_and_a_vit_at_another_size(pretrained_r
 
 
 
+@pytest.mark.slow  # ~50 s on 2 cores; LoRA itself is covered by tests/test_peft.py
 def test_lora_on_docked_parts_trains_the_factors_and_keeps_the_import(pretrained_root,
                                                                       family_data_dir, tmp_path):
   """LoRA on the docked CLIP + GPT-2 METALM (no pretraining run: the parts are the base);
