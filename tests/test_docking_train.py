@@ -187,3 +187,28 @@ def test_lora_on_docked_parts_trains_the_factors_and_keeps_the_import(pretrained
                         **{"peft.save_trainable_only": True})
   with pytest.raises(ConfigError, match="docked parts alone"):
     config_lib.validate(bad)
+
+
+def test_safetensors_reader_reads_bfloat16_and_shards(tmp_path):
+  """Real checkpoints are often bfloat16 (no NumPy dtype) and sharded: both read, as
+  float32, without torch on our side (torch only writes the files here)."""
+  import json
+
+  import torch
+  from safetensors.torch import save_file
+
+  from metalm_jax.models.hf.common import Tensors
+
+  a = torch.randn(3, 4, dtype=torch.bfloat16)
+  b = torch.arange(6, dtype=torch.float16).reshape(2, 3)
+  save_file({"model.a": a}, str(tmp_path / "model-00001-of-00002.safetensors"))
+  save_file({"model.b": b}, str(tmp_path / "model-00002-of-00002.safetensors"))
+  with open(tmp_path / "model.safetensors.index.json", "w") as f:
+    json.dump({"weight_map": {"model.a": "model-00001-of-00002.safetensors",
+                              "model.b": "model-00002-of-00002.safetensors"}}, f)
+  tensors = Tensors.from_dir(str(tmp_path), prefixes=("model.",))
+  np.testing.assert_array_equal(tensors["a"], a.float().numpy())
+  np.testing.assert_array_equal(tensors["b"], b.float().numpy())
+  assert tensors["a"].dtype == np.float32
+  with pytest.raises(ValueError, match="'c' is missing"):
+    tensors["c"]
