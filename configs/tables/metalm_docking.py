@@ -11,6 +11,8 @@ the encoder is the only pretrained part):
            decoder's positions; every layer trained.
   scratch  encoder=minilm_scratch: the same shape, tokenizer, connector and schedule,
            randomly initialised.
+  docked_top2  as docked, with the METALM paper's freezing: only the encoder's last 2 layers
+           train (the lower 4 keep MiniLM's weights; the same learning rate otherwise).
 Rows: the held-out task loss and the three tasks' scores.
 
 Arguments: runlocal=1 (the stages' runlocal configs at size=test), seed=N (every stage's
@@ -20,7 +22,8 @@ import ml_collections
 
 from metalm_jax import config as config_lib
 
-ARMS = {"docked": "minilm", "scratch": "minilm_scratch"}
+ARMS = {"docked": "minilm", "scratch": "minilm_scratch",
+        "docked_top2": "minilm,encoder_layers=2"}
 # Half the tiny multitask schedule (400 steps): a MiniLM step takes ~2 s on a 2-core CPU, and
 # several seeds of both arms must fit an afternoon. Equal in both arms.
 STEPS = 200
