@@ -8,11 +8,15 @@ the sub-module dicts a class declares in its `SUBMODULES` attribute. The models 
 sub-modules with `build(cls, kwargs, where, **injected)`, which checks first; the config
 validates a whole `config.model` the same way before anything is built.
 
+`dir_listing(path)` is what error messages about a directory show of it (checkpoints,
+pretrained model folders).
+
 Nothing here imports the rest of the package: `config` and `models` both depend on it.
 """
 from __future__ import annotations
 
 import difflib
+import os
 import inspect
 from collections.abc import Mapping
 from typing import Any, NamedTuple
@@ -128,3 +132,16 @@ def build(cls, kwargs: Mapping, where: str, **injected):
   """`cls(**kwargs, **injected)` after `check_kwargs` (unknown keys name `where`)."""
   check_kwargs(cls, kwargs, where, injected=tuple(injected))
   return cls(**dict(kwargs), **injected)
+
+
+def dir_listing(path: str, limit: int = 10) -> str:
+  """The first `limit` names in directory `path`, sorted, for an error message: 'a, b, ...
+  (n more)', '(empty)' or '(unreadable: reason)'."""
+  try:
+    entries = sorted(os.listdir(path))
+  except OSError as e:
+    return f"(unreadable: {e.strerror})"
+  if not entries:
+    return "(empty)"
+  more = f", ... ({len(entries) - limit} more)" if len(entries) > limit else ""
+  return ", ".join(entries[:limit]) + more

@@ -20,7 +20,7 @@ import jax
 import ml_collections
 import orbax.checkpoint as ocp
 
-from metalm_jax import sharding
+from metalm_jax import checks, sharding
 from metalm_jax.train import checkpoint as checkpoint_lib
 from metalm_jax.train import peft as peft_lib
 
@@ -102,19 +102,6 @@ def check_config(saved: dict | None, config: ml_collections.ConfigDict, *, where
       "parameter shapes must still agree).")
 
 
-
-
-def _listing(path: str, limit: int = 10) -> str:
-  try:
-    entries = sorted(os.listdir(path))
-  except OSError as e:
-    return f"(unreadable: {e.strerror})"
-  if not entries:
-    return "(empty)"
-  more = f", ... ({len(entries) - limit} more)" if len(entries) > limit else ""
-  return ", ".join(entries[:limit]) + more
-
-
 def _is_step_dir(path: str) -> bool:
   name = os.path.basename(os.path.normpath(path))
   return name.isdigit() and any(os.path.exists(os.path.join(path, f))
@@ -141,7 +128,8 @@ def locate_checkpoint(checkpoint: str, step: int | None = None) -> tuple[str, st
   if not os.path.isdir(path):
     what = "is not a directory" if os.path.exists(path) else "does not exist"
     parent = os.path.dirname(path)
-    there = (f"; {parent} contains: {_listing(parent)}" if os.path.isdir(parent) else "")
+    there = (f"; {parent} contains: {checks.dir_listing(parent)}" if os.path.isdir(parent)
+             else "")
     raise CheckpointNotFoundError(f"--checkpoint={checkpoint!r} {what} ({path}){there}. "
                                   f"{hint.capitalize()}.")
   if _is_step_dir(path):
@@ -158,7 +146,7 @@ def locate_checkpoint(checkpoint: str, step: int | None = None) -> tuple[str, st
     return path, os.path.dirname(path), step
   raise CheckpointNotFoundError(
       f"no checkpoint in --checkpoint={checkpoint!r} ({path}): it has no checkpoints/ folder "
-      f"and no step folders; it contains: {_listing(path)}. {hint.capitalize()}.")
+      f"and no step folders; it contains: {checks.dir_listing(path)}. {hint.capitalize()}.")
 
 
 def open_read_only(directory: str) -> ocp.CheckpointManager:
@@ -183,7 +171,8 @@ def choose_step(manager: ocp.CheckpointManager, directory: str, step: int | None
   steps = sorted(manager.all_steps())
   if not steps:
     raise CheckpointNotFoundError(
-        f"no finished checkpoint in {directory} (it contains: {_listing(directory)}); a run "
+        f"no finished checkpoint in {directory} (it contains: "
+        f"{checks.dir_listing(directory)}); a run "
         "writes checkpoints/<step>/ every config.checkpoint_every_steps steps and at its end. "
         "Unfinished saves (tmp folders) are never used.")
   if step is None:

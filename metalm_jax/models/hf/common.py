@@ -19,6 +19,8 @@ from collections.abc import Iterable, Mapping
 import ml_dtypes
 import numpy as np
 
+from metalm_jax import checks
+
 # safetensors dtype names -> NumPy dtypes.
 _DTYPES = {
     'F64': np.float64, 'F32': np.float32, 'F16': np.float16, 'BF16': ml_dtypes.bfloat16,
@@ -37,9 +39,7 @@ def listing(path: str) -> str:
   """A short description of what a directory holds (for error messages)."""
   if not os.path.isdir(path):
     return f'{path} does not exist' if not os.path.exists(path) else f'{path} is not a directory'
-  names = sorted(os.listdir(path))
-  shown = ', '.join(names[:12]) + (f', ... ({len(names) - 12} more)' if len(names) > 12 else '')
-  return f'{path} holds: {shown or "nothing"}'
+  return f'{path} holds: {checks.dir_listing(path, limit=12)}'
 
 
 def read_config(path: str) -> dict:
